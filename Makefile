@@ -1,0 +1,47 @@
+# make train [GPUS=N] [CONFIG=configs/x.toml] [ARGS="--train.epochs 1"] | make test | make data
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/census_mmoe.toml
+GPUS ?= 0
+ARGS ?=
+TORCH_VERSION := 2.13.0
+TORCHREC_VERSION := 1.8.0
+FBGEMM_VERSION := 1.8.0
+# A machine with an NVIDIA driver gets the CUDA fbgemm-gpu; others the CPU build.
+FBGEMM := $(if $(shell command -v nvidia-smi),fbgemm-gpu,fbgemm-gpu-cpu)
+
+.PHONY: venv data train test test-slow plan clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: setup.cfg pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(FBGEMM)==$(FBGEMM_VERSION)
+	$(PY) -m pip install -q --no-deps torchrec==$(TORCHREC_VERSION)
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -c "import torchrec, fbgemm_gpu"
+	touch $@
+
+data: venv
+	$(PY) -m app data census
+
+# GPUS=0: one process (CPU, or the GPU when there is one); GPUS=N: N ranks under torchrun
+# (gloo CPU ranks on a machine without GPUs).
+train: venv
+	@if grep -q '"data/census"' $(CONFIG); then $(PY) -m app data census; fi
+ifeq ($(GPUS),0)
+	$(PY) -m app train --config $(CONFIG) $(ARGS)
+else
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(GPUS) -m app train --config $(CONFIG) $(ARGS)
+endif
+
+test: venv
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+clean:
+	rm -rf runs

@@ -1,0 +1,1 @@
+"""Multi-task (MMoE) recommender training on TorchRec."""

@@ -1,0 +1,222 @@
+"""Typed run configuration: dataclasses filled from a TOML file and `--section.key value` flags.
+
+Precedence, highest first: command line > config file > dataclass defaults.
+Unknown keys and values of the wrong type are errors that name the key.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/census"  # dataset folder holding schema.json and one folder per split
+    train_split: str = "train"
+    eval_split: str = "test"
+    dense: list[str] = field(default_factory=list)  # empty: every dense column of the schema
+    categorical: list[str] = field(default_factory=list)  # empty: every categorical column
+    batch_size: int = 1024  # per rank
+    eval_batch_size: int = 8192  # per rank
+    num_workers: int = 0  # DataLoader worker processes per rank
+    shuffle: bool = True  # shuffle row groups and rows within a window each epoch
+    on_bad_rows: str = "error"  # "error" stops with file/row group/column; "skip" drops and counts
+
+
+@dataclass
+class TaskConfig:
+    type: str = "binary"  # "binary" (BCE on a 0/1 label) or "regression" (MSE)
+    label: str = ""  # label column; empty: the task's name
+    weight: float = 1.0  # multiplies this task's loss, hence its gradients
+
+
+@dataclass
+class ModelConfig:
+    head: str = "mmoe"  # "mmoe" or "shared_bottom"
+    embedding_dim: int = 16
+    num_experts: int = 3
+    expert_layers: list[int] = field(default_factory=lambda: [512, 256, 128])
+    tower_layers: list[int] = field(default_factory=lambda: [128, 64])
+    dropout: float = 0.0
+    activation: str = "relu"  # "relu", "gelu" or "silu"
+
+
+@dataclass
+class OptimConfig:
+    dense: str = "adam"  # "adam" or "sgd"
+    dense_lr: float = 1e-3
+    sparse: str = "rowwise_adagrad"  # "adagrad", "rowwise_adagrad", "sgd" or "adam"
+    sparse_lr: float = 0.05
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int = 0  # 0: run all epochs
+    eval_every: int = 0  # steps between evaluations; 0: only at the end
+    log_every: int = 50
+    seed: int = 0
+    run_dir: str = ""  # empty: runs/<config name>
+    device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
+
+
+@dataclass
+class PlanConfig:
+    compute_kernels: list[str] = field(default_factory=list)  # allowed kernels; empty: planner's
+    sharding_types: list[str] = field(default_factory=list)  # allowed types; empty: planner's
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.run_dir or f"runs/{self.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Checks `value` against the annotation `tp`, converting only int -> float."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return {k: _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, bool) and tp is not bool:  # bool is an int subclass; never accept it as one
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if tp is float and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {where + '.' if where else ''}{unknown[0]}; "
+            f"known keys{' of ' + where if where else ''}: {', '.join(sorted(known))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    """Command-line values are TOML-ish literals: 3, 0.5, true, [1, 2], "x" or a bare word."""
+    lowered = {"true": True, "false": False}.get(text.lower())
+    if lowered is not None:
+        return lowered
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--{dotted}: {part} is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`["--train.epochs", "2", "--model.head=omoe"]` -> nested dict."""
+    tree: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key} needs a value")
+            value, i = args[i + 1], i + 1
+        _set_path(tree, key, _parse_value(value))
+        i += 1
+    return tree
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Reads `path` (TOML), applies overrides, validates, and fills task labels."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+        values.setdefault("name", path.stem)
+    values = _merge(values, parse_overrides(overrides or []))
+    cfg = _build(Config, values, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    if not cfg.tasks:
+        raise ConfigError("the config defines no tasks; add a [tasks.<name>] table")
+    for name, task in cfg.tasks.items():
+        if task.type not in ("binary", "regression"):
+            raise ConfigError(f"tasks.{name}.type is {task.type!r}; use 'binary' or 'regression'")
+        task.label = task.label or name
+    choices = {
+        "model.head": (cfg.model.head, ("mmoe", "shared_bottom")),
+        "model.activation": (cfg.model.activation, ("relu", "gelu", "silu")),
+        "optim.dense": (cfg.optim.dense, ("adam", "sgd")),
+        "optim.sparse": (cfg.optim.sparse, ("adagrad", "rowwise_adagrad", "sgd", "adam")),
+        "data.on_bad_rows": (cfg.data.on_bad_rows, ("error", "skip")),
+        "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} is {value!r}; use one of {', '.join(allowed)}")
+    if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
+        raise ConfigError("data.batch_size and data.eval_batch_size must be at least 1")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -1,0 +1,509 @@
+"""Criteo-format Parquet -> `Batch`: schema, rank shares, and the reader.
+
+A dataset folder holds `schema.json` and one folder of Parquet files per split. Every epoch
+defines one global order of rows (row groups shuffled, rows shuffled inside each row group,
+both seeded by the epoch), independent of the world size. Each rank takes an equal,
+contiguous share of the rows not yet consumed, so ranks read disjoint row groups (shared
+only at share boundaries), yield the same number of batches, and a resume on any world
+size continues exactly where the run stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+SCHEMA_FILE = "schema.json"
+
+
+class DataError(ValueError):
+    """Bad input: the message names the file, row group and column."""
+
+
+# ---------------------------------------------------------------------------------------
+# Schema and the columns a run reads
+
+
+@dataclass
+class Schema:
+    """Column roles of a dataset, as written by the converters into `schema.json`."""
+
+    labels: list[str]
+    dense: list[str]
+    categorical: dict[str, int]  # column -> cardinality (ids must lie in [0, cardinality))
+    multi_hot: list[str] = field(default_factory=list)  # list<int> columns
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, dataset: str | Path) -> "Schema":
+        path = Path(dataset) / SCHEMA_FILE
+        if not path.exists():
+            raise DataError(f"{path}: no schema file; prepare the data set first (`make data` for the census sample, or `mmoe data ...`)")
+        raw = json.loads(path.read_text())
+        try:
+            return cls(
+                labels=list(raw["labels"]),
+                dense=list(raw["dense"]),
+                categorical={k: int(v["cardinality"]) for k, v in raw["categorical"].items()},
+                multi_hot=[k for k, v in raw["categorical"].items() if v.get("multi_hot")],
+                meta=raw.get("meta", {}),
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"{path}: malformed schema ({e!r})") from e
+
+    def save(self, dataset: str | Path) -> None:
+        cats = {
+            k: {"cardinality": v, "multi_hot": k in self.multi_hot}
+            for k, v in self.categorical.items()
+        }
+        doc = {"labels": self.labels, "dense": self.dense, "categorical": cats, "meta": self.meta}
+        (Path(dataset) / SCHEMA_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The columns one run reads, in config order: labels (one per task), dense, categorical."""
+
+    labels: tuple[str, ...]
+    dense: tuple[str, ...]
+    categorical: tuple[str, ...]
+    cardinality: tuple[int, ...]
+    multi_hot: frozenset[str] = frozenset()
+
+    @classmethod
+    def resolve(cls, schema: Schema, labels: list[str], dense: list[str], categorical: list[str],
+                where: str) -> "Columns":
+        """Config lists win; empty lists take every column of that role from the schema."""
+        dense = dense or schema.dense
+        categorical = categorical or list(schema.categorical)
+        for role, names, known in (("label", labels, schema.labels), ("dense", dense, schema.dense),
+                                   ("categorical", categorical, list(schema.categorical))):
+            for name in names:
+                if name not in known:
+                    raise DataError(
+                        f"{where}: the config names {role} column {name!r}, which the schema "
+                        f"does not list as {role}; known: {', '.join(known) or 'none'}"
+                    )
+        return cls(
+            labels=tuple(labels),
+            dense=tuple(dense),
+            categorical=tuple(categorical),
+            cardinality=tuple(schema.categorical[c] for c in categorical),
+            multi_hot=frozenset(c for c in categorical if c in schema.multi_hot),
+        )
+
+    @property
+    def all(self) -> list[str]:
+        return [*self.labels, *self.dense, *self.categorical]
+
+
+# ---------------------------------------------------------------------------------------
+# The batch
+
+
+@dataclass
+class Batch(Pipelineable):
+    """One step's input on one rank.
+
+    dense: [B, D] float32; sparse_features: KJT with one key per categorical column;
+    labels: [B, T] float32 in task order; weights: [B] (0 marks a row skipped as bad);
+    row_ids: [B] int64, the row's index in its split (files sorted, then row order).
+    """
+
+    dense: torch.Tensor
+    sparse_features: KeyedJaggedTensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+    row_ids: torch.Tensor
+
+    def _map(self, fn) -> "Batch":
+        return Batch(*(fn(getattr(self, f)) for f in
+                       ("dense", "sparse_features", "labels", "weights", "row_ids")))
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for t in (self.dense, self.sparse_features, self.labels, self.weights, self.row_ids):
+            t.record_stream(stream)
+
+    def pin_memory(self) -> "Batch":
+        return self._map(lambda t: t.pin_memory())
+
+    def __len__(self) -> int:
+        return self.dense.shape[0]
+
+
+def _hash_strings(arr: pa.Array, cardinality: int) -> np.ndarray:
+    """Stable across processes and runs (Python's hash() is salted per process)."""
+    encoded = pc.dictionary_encode(arr).combine_chunks() if isinstance(arr, pa.ChunkedArray) \
+        else pc.dictionary_encode(arr)
+    table = np.array(
+        [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") % cardinality
+         for s in encoded.dictionary.to_pylist()],
+        dtype=np.int64,
+    )
+    return table[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def _ids(arr: pa.Array, cardinality: int) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, values) of one categorical column; lists are multi-hot, strings are hashed."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy()
+        flat = pc.list_flatten(arr)
+        values = (_hash_strings(flat, cardinality) if pa.types.is_string(flat.type)
+                  else flat.to_numpy(zero_copy_only=False))
+        return lengths.astype(np.int32), values.astype(np.int64, copy=False)
+    values = (_hash_strings(arr, cardinality) if pa.types.is_string(arr.type)
+              else arr.to_numpy(zero_copy_only=False))
+    return np.ones(len(arr), dtype=np.int32), values.astype(np.int64, copy=False)
+
+
+def _float_matrix(table: pa.Table, names: tuple[str, ...]) -> torch.Tensor:
+    if not names:
+        return torch.zeros(table.num_rows, 0)
+    cols = [table.column(n).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+            for n in names]
+    return torch.from_numpy(np.stack(cols, axis=1))
+
+
+def arrow_to_batch(table: pa.Table, columns: Columns, row_ids: np.ndarray,
+                   weights: np.ndarray | None = None) -> Batch:
+    """Converts checked Arrow rows into a `Batch`, in the column order of `columns`."""
+    lengths, values = zip(*(_ids(table.column(c), n) for c, n in
+                            zip(columns.categorical, columns.cardinality))) if columns.categorical \
+        else ((), ())
+    kjt = KeyedJaggedTensor(
+        keys=list(columns.categorical),
+        values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
+        lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int32)),
+    )
+    n = table.num_rows
+    return Batch(
+        dense=_float_matrix(table, columns.dense),
+        sparse_features=kjt,
+        labels=_float_matrix(table, columns.labels),
+        weights=torch.from_numpy(np.ones(n, np.float32) if weights is None else weights),
+        row_ids=torch.from_numpy(row_ids.astype(np.int64, copy=False)),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Files, row groups, and checks
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    file: str
+    index: int
+    rows: int
+    first_row: int  # index of its first row within the split
+
+
+def split_files(dataset: str | Path, split: str) -> list[Path]:
+    folder = Path(dataset) / split
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if not files:
+        raise DataError(f"{folder}: no .parquet files for split {split!r}")
+    return files
+
+
+def _type_ok(column: str, tp: pa.DataType, columns: Columns) -> bool:
+    if column in columns.categorical:
+        if pa.types.is_list(tp) or pa.types.is_large_list(tp):
+            tp = tp.value_type
+        return pa.types.is_integer(tp) or pa.types.is_string(tp)
+    return pa.types.is_integer(tp) or pa.types.is_floating(tp)
+
+
+def scan_row_groups(files: list[Path], columns: Columns) -> list[RowGroup]:
+    """Reads footers only; rejects unreadable, empty or mismatched files before training."""
+    groups: list[RowGroup] = []
+    first_row, reference = 0, None
+    for path in files:
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from e
+        if meta.num_rows == 0:
+            raise DataError(f"{path}: file has no rows")
+        schema = meta.schema.to_arrow_schema()
+        for name in columns.all:
+            if name not in schema.names:
+                raise DataError(f"{path}: missing column {name!r}")
+            if not _type_ok(name, schema.field(name).type, columns):
+                raise DataError(f"{path}: column {name!r} has type {schema.field(name).type}, "
+                                f"which is not usable as {'categorical' if name in columns.categorical else 'numeric'}")
+        types = {n: schema.field(n).type for n in columns.all}
+        if reference is None:
+            reference = (path, types)
+        elif types != reference[1]:
+            bad = next(n for n in columns.all if types[n] != reference[1][n])
+            raise DataError(f"{path}: column {bad!r} is {types[bad]} but {reference[0]} has "
+                            f"{reference[1][bad]}; files of a split must share one schema")
+        for i in range(meta.num_row_groups):
+            rows = meta.row_group(i).num_rows
+            if rows:
+                groups.append(RowGroup(str(path), i, rows, first_row))
+                first_row += rows
+    return groups
+
+
+def bad_rows(table: pa.Table, columns: Columns, label_kinds: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Per column, a mask of rows whose values the model cannot take."""
+    masks: dict[str, np.ndarray] = {}
+    for name in columns.dense:
+        x = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+        masks[name] = ~np.isfinite(x)
+    for name, kind in zip(columns.labels, label_kinds):
+        y = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+        masks[name] = ~np.isfinite(y) | ((y != 0) & (y != 1) if kind == "binary" else False)
+    for name, card in zip(columns.categorical, columns.cardinality):
+        arr = table.column(name).combine_chunks()
+        if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+            lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy()
+            flat = pc.list_flatten(arr)
+            if pa.types.is_string(flat.type):
+                continue
+            ids = flat.to_numpy(zero_copy_only=False)
+            bad_ids = (ids < 0) | (ids >= card) if ids.size else np.zeros(0, bool)
+            row_of = np.repeat(np.arange(len(arr)), lengths)
+            mask = np.zeros(len(arr), bool)
+            mask[row_of[bad_ids]] = True
+            masks[name] = mask
+        elif not pa.types.is_string(arr.type):
+            ids = pc.fill_null(arr, -1).to_numpy(zero_copy_only=False)
+            masks[name] = (ids < 0) | (ids >= card)
+    return masks
+
+
+def _clean(table: pa.Table, columns: Columns, bad: np.ndarray) -> pa.Table:
+    """Replaces every value of skipped rows by 0 (they then carry weight 0)."""
+    keep = pa.array(~bad)
+    out = table
+    for name in columns.all:
+        i = out.schema.get_field_index(name)
+        col = out.column(i)
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            empty = pa.array([[]] * len(col), type=col.type)
+            out = out.set_column(i, name, pc.if_else(keep, col, empty))
+        else:
+            zero = pa.scalar(0, type=col.type) if not pa.types.is_string(col.type) \
+                else pa.scalar("", type=col.type)
+            out = out.set_column(i, name, pc.if_else(keep, pc.fill_null(col, zero), zero))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The epoch's row order and each rank's share
+
+
+def epoch_order(groups: list[RowGroup], seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """Row-group visiting order of one epoch; the same on every rank and world size."""
+    order = np.arange(len(groups))
+    if shuffle:
+        np.random.default_rng([seed, epoch]).shuffle(order)
+    return order.tolist()
+
+
+def row_permutation(group: RowGroup, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    if not shuffle:
+        return np.arange(group.rows)
+    return np.random.default_rng([seed, epoch, group.first_row]).permutation(group.rows)
+
+
+Span = tuple[int, int]  # [start, end) positions in the epoch's global order
+
+
+def take_spans(spans: list[Span], start: int, count: int) -> list[Span]:
+    """The `count` positions following the first `start` positions covered by `spans`."""
+    out: list[Span] = []
+    for a, b in spans:
+        n = b - a
+        if start >= n:
+            start -= n
+            continue
+        a, start = a + start, 0
+        k = min(count, b - a)
+        out.append((a, a + k))
+        count -= k
+        if count == 0:
+            break
+    return out
+
+
+def span_rows(spans: list[Span]) -> int:
+    return sum(b - a for a, b in spans)
+
+
+def rank_share(spans: list[Span], rank: int, world_size: int, equal: bool) -> list[Span]:
+    """Contiguous share of the remaining positions. `equal` drops the < world_size rows left
+    over so every rank has the same count (training); otherwise shares differ by at most one."""
+    total = span_rows(spans)
+    if equal:
+        size = total // world_size
+        return take_spans(spans, rank * size, size)
+    base, extra = divmod(total, world_size)
+    return take_spans(spans, rank * base + min(rank, extra), base + (rank < extra))
+
+
+def batch_sizes(share_rows: int, max_share_rows: int, batch_size: int, equal: bool) -> list[int]:
+    """Equal counts on every rank: training uses full batches and one equal partial tail;
+    evaluation splits each share into ceil(max_share / batch_size) near-equal batches."""
+    if equal:
+        full, tail = divmod(share_rows, batch_size)
+        return [batch_size] * full + ([tail] if tail else [])
+    n = math.ceil(max_share_rows / batch_size)
+    return [len(p) for p in np.array_split(np.arange(share_rows), n)]
+
+
+@dataclass
+class Position:
+    """Where an epoch stands: the positions not yet consumed. Saved in checkpoints."""
+
+    epoch: int = 0
+    remaining: list[Span] | None = None  # None: the whole epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "remaining": [list(s) for s in self.remaining or []],
+                "fresh": self.remaining is None}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "Position":
+        remaining = None if state["fresh"] else [tuple(s) for s in state["remaining"]]
+        return cls(epoch=int(state["epoch"]), remaining=remaining)
+
+
+def consume(spans: list[Span], world_size: int, rows_per_rank: int) -> list[Span]:
+    """Remaining positions after every rank took `rows_per_rank` rows from its equal share."""
+    size = span_rows(spans) // world_size
+    out: list[Span] = []
+    for r in range(world_size):
+        out += take_spans(spans, r * size + rows_per_rank, size - rows_per_rank)
+    return out
+
+
+class ParquetBatches(IterableDataset):
+    """Yields lists of `Batch` (chunks of consecutive batches) for one rank and one epoch.
+
+    DataLoader workers take chunks round-robin, so each worker decodes only the row groups
+    its chunks touch; `iter_batches` flattens the chunks back into step order.
+    """
+
+    def __init__(self, dataset: str | Path, split: str, columns: Columns, label_kinds: tuple[str, ...],
+                 batch_size: int, rank: int, world_size: int, *, train: bool, seed: int = 0,
+                 shuffle: bool = True, on_bad_rows: str = "error", chunk_batches: int = 8):
+        self.files = split_files(dataset, split)
+        self.columns, self.label_kinds = columns, label_kinds
+        self.groups = scan_row_groups(self.files, columns)
+        self.total_rows = sum(g.rows for g in self.groups)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.train, self.seed, self.shuffle = train, seed, shuffle and train
+        self.on_bad_rows, self.chunk_batches = on_bad_rows, chunk_batches
+        self.position = Position()
+        if self.total_rows < world_size:
+            raise DataError(f"{Path(dataset) / split}: {self.total_rows} rows cannot give each of "
+                            f"{world_size} ranks at least one row")
+
+    def set_position(self, position: Position) -> None:
+        self.position = position
+
+    def _spans(self) -> list[Span]:
+        return self.position.remaining or [(0, self.total_rows)]
+
+    def plan(self) -> tuple[list[Span], list[int]]:
+        """This rank's share and its batch sizes."""
+        spans = self._spans()
+        share = rank_share(spans, self.rank, self.world_size, equal=self.train)
+        largest = span_rows(rank_share(spans, 0, self.world_size, equal=self.train))
+        sizes = batch_sizes(span_rows(share), largest, self.batch_size, equal=self.train)
+        if not sizes:
+            raise DataError(f"rank {self.rank} of {self.world_size} gets no rows of {self.files[0].parent}")
+        return share, sizes
+
+    def __len__(self) -> int:
+        return len(self.plan()[1])
+
+    def _read(self, gi: int, epoch: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+        """Decodes, checks and permutes one row group: (table, row ids, weights)."""
+        g = self.groups[gi]
+        try:
+            table = pq.ParquetFile(g.file).read_row_group(g.index, columns=self.columns.all)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{g.file}: row group {g.index} cannot be read ({e})") from e
+        masks = bad_rows(table, self.columns, self.label_kinds)
+        bad = np.zeros(table.num_rows, bool)
+        for name, mask in masks.items():
+            if mask.any() and self.on_bad_rows == "error":
+                row = int(np.flatnonzero(mask)[0])
+                raise DataError(
+                    f"{g.file}: row group {g.index}, column {name!r}: {int(mask.sum())} bad values, "
+                    f"first at row {row} (NaN/inf, id outside [0, cardinality), or label not 0/1); "
+                    f"fix the data or set data.on_bad_rows = \"skip\""
+                )
+            bad |= mask
+        if bad.any():
+            table = _clean(table, self.columns, bad)
+        perm = row_permutation(g, self.seed, epoch, self.shuffle)
+        weights = (~bad).astype(np.float32)[perm]
+        return table.take(pa.array(perm)), g.first_row + perm, weights
+
+    def _chunks(self, share: list[Span], sizes: list[int]) -> list[list[tuple[int, int]]]:
+        """Batches as (start, size) in share positions, grouped into chunks."""
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+        pairs = list(zip(starts, sizes))
+        return [pairs[i:i + self.chunk_batches] for i in range(0, len(pairs), self.chunk_batches)]
+
+    def __iter__(self) -> Iterator[list[Batch]]:
+        share, sizes = self.plan()
+        epoch = self.position.epoch
+        order = epoch_order(self.groups, self.seed, epoch, self.shuffle)
+        # global position where each row group (in visiting order) begins
+        offsets = np.concatenate([[0], np.cumsum([self.groups[g].rows for g in order])])
+        info = torch.utils.data.get_worker_info()
+        workers, me = (info.num_workers, info.id) if info else (1, 0)
+        cache: dict[int, tuple[pa.Table, np.ndarray, np.ndarray]] = {}
+        for ci, chunk in enumerate(self._chunks(share, sizes)):
+            if ci % workers != me:
+                continue
+            out = []
+            for start, size in chunk:
+                pieces = []
+                for a, b in take_spans(share, start, size):
+                    # row groups covering global positions [a, b)
+                    k = int(np.searchsorted(offsets, a, side="right")) - 1
+                    while a < b:
+                        gi = order[k]
+                        if gi not in cache:
+                            cache.clear()  # keep one decoded row group per worker
+                            cache[gi] = self._read(gi, epoch)
+                        table, ids, w = cache[gi]
+                        lo, hi = a - offsets[k], min(b, offsets[k + 1]) - offsets[k]
+                        pieces.append((table.slice(lo, hi - lo), ids[lo:hi], w[lo:hi]))
+                        a, k = offsets[k] + hi, k + 1
+                table = pa.concat_tables([p[0] for p in pieces])
+                out.append(arrow_to_batch(table, self.columns, np.concatenate([p[1] for p in pieces]),
+                                          np.concatenate([p[2] for p in pieces])))
+            yield out
+
+
+def iter_batches(dataset: ParquetBatches, num_workers: int, pin_memory: bool) -> Iterator[Batch]:
+    """Step-ordered batches of one epoch (or of what remains of it)."""
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                        persistent_workers=False, prefetch_factor=4 if num_workers else None)
+    for chunk in loader:
+        yield from chunk

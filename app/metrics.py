@@ -1,0 +1,82 @@
+"""Per-task metrics, accumulated on the device and read only when logged.
+
+Keys follow `split/task/metric`. Evaluation uses torchmetrics (exact AUC over the whole
+split, synchronized across ranks); torchrec.metrics is not used because its `compute()`
+fails with the torchmetrics/lightning-utilities releases torchrec 1.8 installs beside.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric, SumMetric
+from torchmetrics.classification import BinaryAUROC
+
+from app.config import TaskConfig
+
+
+class TrainMetrics:
+    """Running sums of per-task losses since the last read; no host sync until `read`."""
+
+    def __init__(self, tasks: list[str], device: torch.device):
+        self.tasks = tasks
+        self.sums = torch.zeros(len(tasks), device=device)
+        self.steps = 0
+
+    def update(self, losses: torch.Tensor) -> None:
+        self.sums += losses
+        self.steps += 1
+
+    def read(self) -> dict[str, float]:
+        means = (self.sums / max(self.steps, 1)).tolist()  # the one host sync per log step
+        self.sums.zero_()
+        self.steps = 0
+        return {f"train/{t}/loss": v for t, v in zip(self.tasks, means)}
+
+
+class EvalMetrics(nn.Module):
+    """AUC, logloss, label and prediction means (binary); RMSE and means (regression)."""
+
+    def __init__(self, tasks: dict[str, TaskConfig]):
+        super().__init__()
+        self.tasks = tasks
+        self.auc = nn.ModuleDict({t: BinaryAUROC() for t, c in tasks.items() if c.type == "binary"})
+        self.loss = nn.ModuleDict({t: MeanMetric() for t in tasks})  # logloss or squared error
+        self.label_mean = nn.ModuleDict({t: MeanMetric() for t in tasks})
+        self.pred_mean = nn.ModuleDict({t: MeanMetric() for t in tasks})
+        self.rows = SumMetric()
+        self.skipped = SumMetric()
+
+    def update(self, preds: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> None:
+        keep = weights > 0
+        self.rows.update(keep.sum())
+        self.skipped.update((~keep).sum())
+        preds, labels = preds[keep], labels[keep]
+        for i, (name, cfg) in enumerate(self.tasks.items()):
+            p, y = preds[:, i], labels[:, i]
+            if cfg.type == "binary":
+                self.auc[name].update(p, y.long())
+                err = nn.functional.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), y, reduction="none")
+            else:
+                err = (p - y) ** 2
+            self.loss[name].update(err)
+            self.label_mean[name].update(y)
+            self.pred_mean[name].update(p)
+
+    def compute(self, split: str = "eval") -> dict[str, float]:
+        out: dict[str, float] = {}
+        aucs = []
+        for name, cfg in self.tasks.items():
+            loss = float(self.loss[name].compute())
+            if cfg.type == "binary":
+                aucs.append(float(self.auc[name].compute()))
+                out[f"{split}/{name}/auc"] = aucs[-1]
+                out[f"{split}/{name}/logloss"] = loss
+            else:
+                out[f"{split}/{name}/rmse"] = loss ** 0.5
+            out[f"{split}/{name}/label_mean"] = float(self.label_mean[name].compute())
+            out[f"{split}/{name}/pred_mean"] = float(self.pred_mean[name].compute())
+        if aucs:
+            out[f"{split}/mean_auc"] = sum(aucs) / len(aucs)
+        out[f"{split}/rows"] = int(self.rows.compute())
+        out[f"{split}/skipped_rows"] = int(self.skipped.compute())
+        return out
