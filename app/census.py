@@ -109,6 +109,7 @@ def prepare(out: str | Path = "data/census", force: bool = False) -> Schema:
     """Writes the census dataset into `out` unless it is already there."""
     out = Path(out)
     if (out / "schema.json").exists() and not force:
+        print(f"census data present in {out} (--force rewrites it)")
         return Schema.load(out)
     with tempfile.TemporaryDirectory() as tmp:
         csvs = fetch_raw(Path(tmp))
@@ -119,3 +120,10 @@ def prepare(out: str | Path = "data/census", force: bool = False) -> Schema:
         if schema.meta["rows"][split] != ROWS[split]:
             raise RuntimeError(f"census {split}: expected {ROWS[split]:,} rows")
     return schema
+
+
+def add_data_command(sub) -> None:
+    p = sub.add_parser("census", help="UCI Census-Income (KDD), the HugeCTR MMoE sample's data")
+    p.add_argument("--out", default="data/census")
+    p.add_argument("--force", action="store_true", help="rewrite even if present")
+    p.set_defaults(run=lambda args: prepare(args.out, force=args.force))

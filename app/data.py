@@ -25,11 +25,10 @@ from torch.utils.data import DataLoader, IterableDataset
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
+from app import checks
+from app.checks import DataError
+
 SCHEMA_FILE = "schema.json"
-
-
-class DataError(ValueError):
-    """Bad input: the message names the file, row group and column."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -222,90 +221,19 @@ def split_files(dataset: str | Path, split: str) -> list[Path]:
     return files
 
 
-def _type_ok(column: str, tp: pa.DataType, columns: Columns) -> bool:
-    if column in columns.categorical:
-        if pa.types.is_list(tp) or pa.types.is_large_list(tp):
-            tp = tp.value_type
-        return pa.types.is_integer(tp) or pa.types.is_string(tp)
-    return pa.types.is_integer(tp) or pa.types.is_floating(tp)
-
-
 def scan_row_groups(files: list[Path], columns: Columns) -> list[RowGroup]:
     """Reads footers only; rejects unreadable, empty or mismatched files before training."""
     groups: list[RowGroup] = []
     first_row, reference = 0, None
     for path in files:
-        try:
-            meta = pq.ParquetFile(path).metadata
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{path}: not a readable Parquet file ({e})") from e
-        if meta.num_rows == 0:
-            raise DataError(f"{path}: file has no rows")
-        schema = meta.schema.to_arrow_schema()
-        for name in columns.all:
-            if name not in schema.names:
-                raise DataError(f"{path}: missing column {name!r}")
-            if not _type_ok(name, schema.field(name).type, columns):
-                raise DataError(f"{path}: column {name!r} has type {schema.field(name).type}, "
-                                f"which is not usable as {'categorical' if name in columns.categorical else 'numeric'}")
-        types = {n: schema.field(n).type for n in columns.all}
-        if reference is None:
-            reference = (path, types)
-        elif types != reference[1]:
-            bad = next(n for n in columns.all if types[n] != reference[1][n])
-            raise DataError(f"{path}: column {bad!r} is {types[bad]} but {reference[0]} has "
-                            f"{reference[1][bad]}; files of a split must share one schema")
+        meta = checks.check_file(path, columns, reference)
+        reference = reference or (path, meta.schema.to_arrow_schema())
         for i in range(meta.num_row_groups):
             rows = meta.row_group(i).num_rows
             if rows:
                 groups.append(RowGroup(str(path), i, rows, first_row))
                 first_row += rows
     return groups
-
-
-def bad_rows(table: pa.Table, columns: Columns, label_kinds: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Per column, a mask of rows whose values the model cannot take."""
-    masks: dict[str, np.ndarray] = {}
-    for name in columns.dense:
-        x = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
-        masks[name] = ~np.isfinite(x)
-    for name, kind in zip(columns.labels, label_kinds):
-        y = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
-        masks[name] = ~np.isfinite(y) | ((y != 0) & (y != 1) if kind == "binary" else False)
-    for name, card in zip(columns.categorical, columns.cardinality):
-        arr = table.column(name).combine_chunks()
-        if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-            lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy()
-            flat = pc.list_flatten(arr)
-            if pa.types.is_string(flat.type):
-                continue
-            ids = flat.to_numpy(zero_copy_only=False)
-            bad_ids = (ids < 0) | (ids >= card) if ids.size else np.zeros(0, bool)
-            row_of = np.repeat(np.arange(len(arr)), lengths)
-            mask = np.zeros(len(arr), bool)
-            mask[row_of[bad_ids]] = True
-            masks[name] = mask
-        elif not pa.types.is_string(arr.type):
-            ids = pc.fill_null(arr, -1).to_numpy(zero_copy_only=False)
-            masks[name] = (ids < 0) | (ids >= card)
-    return masks
-
-
-def _clean(table: pa.Table, columns: Columns, bad: np.ndarray) -> pa.Table:
-    """Replaces every value of skipped rows by 0 (they then carry weight 0)."""
-    keep = pa.array(~bad)
-    out = table
-    for name in columns.all:
-        i = out.schema.get_field_index(name)
-        col = out.column(i)
-        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-            empty = pa.array([[]] * len(col), type=col.type)
-            out = out.set_column(i, name, pc.if_else(keep, col, empty))
-        else:
-            zero = pa.scalar(0, type=col.type) if not pa.types.is_string(col.type) \
-                else pa.scalar("", type=col.type)
-            out = out.set_column(i, name, pc.if_else(keep, pc.fill_null(col, zero), zero))
-    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -445,7 +373,7 @@ class ParquetBatches(IterableDataset):
             table = pq.ParquetFile(g.file).read_row_group(g.index, columns=self.columns.all)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"{g.file}: row group {g.index} cannot be read ({e})") from e
-        masks = bad_rows(table, self.columns, self.label_kinds)
+        masks = checks.bad_rows(table, self.columns, self.label_kinds)
         bad = np.zeros(table.num_rows, bool)
         for name, mask in masks.items():
             if mask.any() and self.on_bad_rows == "error":
@@ -457,7 +385,7 @@ class ParquetBatches(IterableDataset):
                 )
             bad |= mask
         if bad.any():
-            table = _clean(table, self.columns, bad)
+            table = checks.clean_rows(table, self.columns, bad)
         perm = row_permutation(g, self.seed, epoch, self.shuffle)
         weights = (~bad).astype(np.float32)[perm]
         return table.take(pa.array(perm)), g.first_row + perm, weights
