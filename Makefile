@@ -45,3 +45,9 @@ test-slow: venv
 
 clean:
 	rm -rf runs
+
+# make report [RUN=runs/x]: RUN/report.md with loss, AUC, throughput and gate plots
+RUN ?= runs/census_mmoe
+.PHONY: report
+report: venv
+	$(PY) -m app report $(RUN)

@@ -1,10 +1,17 @@
 """Input checks: what the reader rejects (or, with `on_bad_rows = "skip"`, zeroes and counts).
 
-File-level checks read only Parquet footers, so a bad file is named before the first step;
-value checks run on each decoded row group.
+Every message is one line that names the file, and the row group and column where they
+apply, and says what to fix. Three levels, cheapest first:
+- `check_schema_doc`: the structure of `schema.json`;
+- `check_file` and `check_statistics`: Parquet footers only (columns, types, and the min/max
+  and null counts the writer stored per row group), so most bad files are named before the
+  first step without decoding any data;
+- `bad_rows` / `check_rows` / `clean_rows`: values of each decoded row group (NaN, which
+  footers do not record, and anything a file written without statistics hides).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,14 +23,58 @@ import pyarrow.parquet as pq
 if TYPE_CHECKING:
     from app.data import Columns
 
+SKIP_HINT = 'fix the data, or set data.on_bad_rows = "skip" to give such rows weight 0'
+
 
 class DataError(ValueError):
     """Bad input: the message names the file, row group and column."""
 
 
+def _is_list(tp: pa.DataType) -> bool:
+    return pa.types.is_list(tp) or pa.types.is_large_list(tp)
+
+
+# ---------------------------------------------------------------------------------------
+# schema.json
+
+
+def check_schema_doc(raw, path: Path) -> None:
+    """The parsed `schema.json` has what `Schema.load` reads: label and dense name lists and
+    a positive integer cardinality per categorical column, each column in one role only."""
+    where = f"{path}: malformed schema"
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    for key in ("labels", "dense"):
+        names = raw.get(key)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DataError(f"{where}: {key!r} must be a list of column names, got {names!r}")
+    cats = raw.get("categorical")
+    if not isinstance(cats, dict):
+        raise DataError(f"{where}: 'categorical' must map column names to "
+                        f"{{\"cardinality\": N}}, got {cats!r}")
+    for name, spec in cats.items():
+        card = spec.get("cardinality") if isinstance(spec, dict) else None
+        if isinstance(card, bool) or not isinstance(card, int) or card < 1:
+            raise DataError(f"{where}: categorical column {name!r} needs a positive integer "
+                            f"cardinality, got {spec!r}")
+    if not isinstance(raw.get("meta", {}), dict):
+        raise DataError(f"{where}: 'meta' must be an object, got {raw['meta']!r}")
+    seen: set[str] = set()
+    for name in [*raw["labels"], *raw["dense"], *cats]:
+        if name in seen:
+            raise DataError(f"{where}: column {name!r} is listed twice; give each column one role")
+        seen.add(name)
+
+
+# ---------------------------------------------------------------------------------------
+# Footers
+
+
 def type_ok(column: str, tp: pa.DataType, columns: Columns) -> bool:
+    """Labels and dense: integer or floating point; categorical: integer ids or strings
+    (hashed by the reader), or lists of either (multi-hot)."""
     if column in columns.categorical:
-        if pa.types.is_list(tp) or pa.types.is_large_list(tp):
+        if _is_list(tp):
             tp = tp.value_type
         return pa.types.is_integer(tp) or pa.types.is_string(tp)
     return pa.types.is_integer(tp) or pa.types.is_floating(tp)
@@ -31,53 +82,189 @@ def type_ok(column: str, tp: pa.DataType, columns: Columns) -> bool:
 
 def check_file(path: Path, columns: "Columns", reference: tuple[Path, pa.Schema] | None):
     """Footer of one file: readable, not empty, has the columns with usable types that agree
-    with the first file's (`reference`). Returns its FileMetaData."""
+    with the first file's (`reference`). Extra columns are ignored. Returns its FileMetaData."""
     try:
         meta = pq.ParquetFile(path).metadata
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file ({e})") from e
+        raise DataError(f"{path}: not a readable Parquet file, truncated or of another format "
+                        f"({_one_line(e)}); rewrite it with the converter") from e
     if meta.num_rows == 0:
-        raise DataError(f"{path}: file has no rows")
+        raise DataError(f"{path}: file has no rows; remove it or rewrite it with the converter")
     schema = meta.schema.to_arrow_schema()
     for name in columns.all:
         if name not in schema.names:
-            raise DataError(f"{path}: missing column {name!r}")
+            present = ", ".join(schema.names[:12]) + (", ..." if len(schema.names) > 12 else "")
+            raise DataError(f"{path}: missing column {name!r}, which the schema or config lists "
+                            f"(the file has {present}); fix the schema.json or the config")
         tp = schema.field(name).type
         if not type_ok(name, tp, columns):
             role = "categorical" if name in columns.categorical else "numeric"
-            raise DataError(f"{path}: column {name!r} has type {tp}, which is not usable as {role}")
+            need = ("integer ids or strings, or lists of them" if role == "categorical"
+                    else "integer or floating point")
+            raise DataError(f"{path}: column {name!r} has type {tp}, which is not usable as "
+                            f"{role} (needs {need})")
         if reference is not None and reference[1].field(name).type != tp:
             raise DataError(f"{path}: column {name!r} is {tp} but {reference[0]} has "
-                         f"{reference[1].field(name).type}; files of a split must share one schema")
+                            f"{reference[1].field(name).type}; files of a split must share one schema")
     return meta
 
 
+def _stat_problem(name: str, stats, tp: pa.DataType, columns: "Columns",
+                  kinds: dict[str, str]) -> str | None:
+    """What a column chunk's footer statistics prove wrong, or None."""
+    if stats is None:
+        return None
+    nulls = stats.null_count if stats.has_null_count and not _is_list(tp) else 0
+    lo, hi = (stats.min, stats.max) if stats.has_min_max else (None, None)
+    if isinstance(lo, (bytes, str)):  # string categoricals are hashed; nothing to bound
+        return None
+    if nulls:
+        return f"{nulls} null values"
+    if lo is None:
+        return None
+    if name in columns.categorical:
+        card = columns.cardinality[columns.categorical.index(name)]
+        if lo < 0 or hi >= card:
+            return (f"ids span [{lo}, {hi}] but the schema gives cardinality {card} "
+                    f"(ids must lie in [0, {card}); raise it in schema.json if the ids are right)")
+        return None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"values span [{lo}, {hi}], not finite"
+    if kinds.get(name) == "binary" and (lo < 0 or hi > 1):
+        return f"labels span [{lo}, {hi}] but a binary task needs 0 or 1"
+    return None
+
+
+def check_statistics(path: Path, meta: pq.FileMetaData, columns: "Columns",
+                     label_kinds: tuple[str, ...]) -> None:
+    """Footer min/max and null counts of every row group against the schema: ids within
+    [0, cardinality), binary labels within [0, 1], no nulls, no inf. NaN is not recorded in
+    footers and is caught when the row group is decoded (`check_rows`)."""
+    wanted = set(columns.all)
+    kinds = dict(zip(columns.labels, label_kinds))
+    arrow = meta.schema.to_arrow_schema()
+    leaves = [(j, meta.schema.column(j).path.split(".")[0]) for j in range(meta.num_columns)]
+    leaves = [(j, name) for j, name in leaves if name in wanted]
+    for i in range(meta.num_row_groups):
+        group = meta.row_group(i)
+        for j, name in leaves:
+            problem = _stat_problem(name, group.column(j).statistics, arrow.field(name).type,
+                                    columns, kinds)
+            if problem:
+                raise DataError(f"{path}: row group {i}, column {name!r}: {problem}; {SKIP_HINT}")
+
+
+# ---------------------------------------------------------------------------------------
+# Values of a decoded row group
+
+
+def _floats(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Values as numpy, nulls as NaN (zero-copy for a float column without nulls)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if not pa.types.is_floating(col.type):
+        col = col.cast(pa.float64())
+    return col.to_numpy(zero_copy_only=False)
+
+
+def _not_finite(x: np.ndarray) -> np.ndarray | None:
+    # a float64 sum of float32 values cannot overflow, so a finite sum proves all are finite
+    if x.size == 0 or np.isfinite(x.sum(dtype=np.float64)):
+        return None
+    return ~np.isfinite(x)
+
+
 def bad_rows(table: pa.Table, columns: "Columns", label_kinds: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Per column, a mask of rows whose values the model cannot take."""
+    """Masks of rows whose values the model cannot take, for the columns that have any:
+    NaN/inf/null dense or label values, binary labels other than 0/1, null ids, and ids
+    outside [0, cardinality). An empty dict means every row is good."""
     masks: dict[str, np.ndarray] = {}
     for name in columns.dense:
-        x = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
-        masks[name] = ~np.isfinite(x)
+        mask = _not_finite(_floats(table.column(name)))
+        if mask is not None:
+            masks[name] = mask
     for name, kind in zip(columns.labels, label_kinds):
-        y = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
-        masks[name] = ~np.isfinite(y) | ((y != 0) & (y != 1) if kind == "binary" else False)
+        y = _floats(table.column(name))
+        mask = _not_finite(y)
+        if kind == "binary" and y.size and not np.all((y == 0) | (y == 1)):
+            mask = (y != 0) & (y != 1)  # NaN compares unequal, so it is caught here too
+        if mask is not None:
+            masks[name] = mask
     for name, card in zip(columns.categorical, columns.cardinality):
         arr = table.column(name).combine_chunks()
-        if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-            lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy()
-            flat = pc.list_flatten(arr)
-            if pa.types.is_string(flat.type):
-                continue
-            ids = flat.to_numpy(zero_copy_only=False)
-            bad_ids = (ids < 0) | (ids >= card) if ids.size else np.zeros(0, bool)
-            row_of = np.repeat(np.arange(len(arr)), lengths)
-            mask = np.zeros(len(arr), bool)
-            mask[row_of[bad_ids]] = True
+        mask = _bad_ids(arr, card)
+        if mask is not None:
             masks[name] = mask
-        elif not pa.types.is_string(arr.type):
-            ids = pc.fill_null(arr, -1).to_numpy(zero_copy_only=False)
-            masks[name] = (ids < 0) | (ids >= card)
     return masks
+
+
+def _bad_ids(arr: pa.Array, card: int) -> np.ndarray | None:
+    n = len(arr)
+    if _is_list(arr.type):
+        flat = pc.list_flatten(arr)  # null lists count as empty; null ids inside a list are bad
+        if pa.types.is_string(flat.type):
+            if not flat.null_count:
+                return None
+            bad_flat = _null_mask(flat)
+        else:
+            if not _ids_out_of_range(flat, card):
+                return None
+            ids = pc.fill_null(flat, -1).to_numpy(zero_copy_only=False)
+            bad_flat = (ids < 0) | (ids >= card)
+        lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy()
+        mask = np.zeros(n, bool)
+        mask[np.repeat(np.arange(n), lengths)[bad_flat]] = True
+        return mask
+    if pa.types.is_string(arr.type):
+        return _null_mask(arr) if arr.null_count else None
+    if not _ids_out_of_range(arr, card):
+        return None
+    ids = pc.fill_null(arr, -1).to_numpy(zero_copy_only=False)
+    return (ids < 0) | (ids >= card)
+
+
+def _ids_out_of_range(ids: pa.Array, card: int) -> bool:
+    if ids.null_count:
+        return True
+    if len(ids) == 0:
+        return False
+    lo, hi = pc.min_max(ids).values()  # one pass in Arrow; the masks are built only if needed
+    return lo.as_py() < 0 or hi.as_py() >= card
+
+
+def _null_mask(arr: pa.Array) -> np.ndarray:
+    return np.asarray(arr.is_null().to_numpy(zero_copy_only=False), bool)
+
+
+def describe(table: pa.Table, name: str, mask: np.ndarray, columns: "Columns") -> str:
+    """`N bad values, first at row R (value V)`, for a message."""
+    row = int(np.flatnonzero(mask)[0])
+    value = table.column(name)[row].as_py()
+    if name in columns.categorical:
+        card = columns.cardinality[columns.categorical.index(name)]
+        what = f"ids outside [0, {card}) or null"
+    elif name in columns.labels:
+        what = "labels that are not 0/1 (binary) or not finite"
+    else:
+        what = "NaN, inf or null values"
+    return f"{int(mask.sum())} rows with {what}, first at row {row} ({value!r})"
+
+
+def check_rows(table: pa.Table, columns: "Columns", label_kinds: tuple[str, ...], where: str,
+               skip: bool) -> np.ndarray | None:
+    """Mask of the bad rows of one decoded row group, or None when all are good. Unless
+    `skip`, the first bad column raises a DataError prefixed by `where` (file, row group)."""
+    masks = bad_rows(table, columns, label_kinds)
+    if not masks:
+        return None
+    if not skip:
+        name = next(iter(masks))
+        raise DataError(f"{where}, column {name!r}: {describe(table, name, masks[name], columns)}; "
+                        f"{SKIP_HINT}")
+    bad = np.zeros(table.num_rows, bool)
+    for mask in masks.values():
+        bad |= mask
+    return bad
 
 
 def clean_rows(table: pa.Table, columns: "Columns", bad: np.ndarray) -> pa.Table:
@@ -87,7 +274,7 @@ def clean_rows(table: pa.Table, columns: "Columns", bad: np.ndarray) -> pa.Table
     for name in columns.all:
         i = out.schema.get_field_index(name)
         col = out.column(i)
-        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        if _is_list(col.type):
             empty = pa.array([[]] * len(col), type=col.type)
             out = out.set_column(i, name, pc.if_else(keep, col, empty))
         else:
@@ -95,3 +282,7 @@ def clean_rows(table: pa.Table, columns: "Columns", bad: np.ndarray) -> pa.Table
                 else pa.scalar("", type=col.type)
             out = out.set_column(i, name, pc.if_else(keep, pc.fill_null(col, zero), zero))
     return out
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())

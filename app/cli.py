@@ -49,6 +49,23 @@ def data(argv: list[str]) -> None:
     args.run(args)
 
 
+@command
+def report(argv: list[str]) -> None:
+    """Plot a run: mmoe report RUN_DIR
+
+    Writes RUN_DIR/report.md with loss, AUC, throughput and gate plots beside it.
+    """
+    p = argparse.ArgumentParser(prog="mmoe report", description=report.__doc__)
+    p.add_argument("run_dir", help="a run directory written by `mmoe train` (runs/<config name>)")
+    args = p.parse_args(argv)
+    from app.report import ReportError, write_report
+
+    try:
+        print(f"wrote {write_report(args.run_dir)}")
+    except ReportError as e:
+        sys.exit(f"error: {e}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

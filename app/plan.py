@@ -5,11 +5,12 @@ both call `make_planner`, so a reviewed dry-run plan is the plan training would 
 """
 from __future__ import annotations
 
+import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ModuleSharder
+from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
 from app.config import PlanConfig
 
@@ -36,3 +37,11 @@ def make_planner(cfg: PlanConfig, tables: list[str], world_size: int, compute_de
                         local_world_size=local_world_size, hbm_cap=hbm_cap, ddr_cap=ddr_cap)
     return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size,
                                     constraints=constraints(cfg, tables))
+
+
+def training_plan(cfg: PlanConfig, model: nn.Module, tables: list[str], world_size: int,
+                  compute_device: str, batch_size: int, local_world_size: int) -> ShardingPlan:
+    """The plan training applies: planned collectively on the default process group."""
+    planner = make_planner(cfg, tables, world_size, compute_device, batch_size,
+                           local_world_size=local_world_size)
+    return planner.collective_plan(model, sharders(), dist.GroupMember.WORLD)

@@ -1,20 +1,37 @@
-"""Synthetic Criteo-shape multi-task data with a known best achievable AUC.
+"""Synthetic Criteo-shape multi-task data with a known best achievable AUC, at any size.
 
 Labels come from a hidden ground-truth model: per task, a logit that is linear in the dense
-features plus one learned-able effect per categorical id. Tasks share a fraction
-`correlation` of their weights, so task relatedness is a dial. The AUC of the true
-probabilities on each split is stored in the schema's meta as the ceiling a model can reach.
+features plus one learnable effect per categorical id. Tasks share a fraction `correlation`
+of their weights, so task relatedness is a dial. The AUC of the true probabilities on each
+split is stored in the schema's meta as the ceiling a model can reach.
+
+Each output file is drawn from its own generator seeded by (seed, split, file index), so a
+process pool can write files in parallel and the result does not depend on the number of
+workers. The same rows can be written as Criteo TSV (labels, 13 integer counts, 26 hex
+strings, empty fields for missing values) to feed `mmoe data criteo-tsv`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import math
+import multiprocessing
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from app.data import Schema
+if TYPE_CHECKING:  # app.data imports torch; the pool's workers do not need it
+    from app.data import Schema
+
+EFFECTS_PER_COLUMN = 1 << 17  # the hidden effect of id i is effect[i % this]: bounded memory
+CHUNK_ROWS = 1 << 16  # rows drawn at once inside a file (a multiple of the row group size)
+TRUTH_FILE = "truth.json"  # best AUC and label rates of a TSV data set
 
 
 @dataclass
@@ -29,6 +46,9 @@ class SyntheticSpec:
     files_per_split: int = 1
     row_group_size: int = 4096
     seed: int = 0
+    skew: float = 3.0  # id = floor(cardinality * u**skew), u uniform: 1 is uniform, larger is more skewed
+    missing: float = 0.0  # TSV only: fraction of dense and categorical fields left empty
+    auc_rows: int = 2_000_000  # best_auc uses at most this many rows per split (a sample of each file)
 
 
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -42,88 +62,240 @@ def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 class _Truth:
-    """The hidden model; drawn once from the seed so every split shares it."""
+    """The hidden model; drawn once from the seed so every split and file shares it."""
 
-    def __init__(self, spec: SyntheticSpec, rng: np.random.Generator):
+    def __init__(self, spec: SyntheticSpec):
+        rng = np.random.default_rng([spec.seed, 0])
         t, rho = len(spec.tasks), spec.correlation
         mix = lambda shape: (np.sqrt(rho) * rng.normal(size=shape)[None]  # noqa: E731
                              + np.sqrt(1 - rho) * rng.normal(size=(t, *shape)))
-        self.dense_w = mix((spec.num_dense,)) / np.sqrt(spec.num_dense + len(spec.cardinalities))
-        self.effects = [mix((n,)) / np.sqrt(spec.num_dense + len(spec.cardinalities))
-                        for n in spec.cardinalities]
+        scale = np.sqrt(spec.num_dense + len(spec.cardinalities))
+        self.dense_w = mix((spec.num_dense,)) / scale
+        self.effects = [mix((min(n, EFFECTS_PER_COLUMN),)) / scale for n in spec.cardinalities]
         self.bias = rng.normal(-0.5, 0.3, size=t)
         self.signal = spec.signal
 
-    def logits(self, dense: np.ndarray, ids: list[np.ndarray], lengths: list[np.ndarray]) -> np.ndarray:
+    def logits(self, dense: np.ndarray, ids: list[np.ndarray], lengths: list[np.ndarray | None]) -> np.ndarray:
+        """dense [N, D], per column ids (concatenated lists) and lengths (None: one id a row)."""
         z = dense @ self.dense_w.T + self.bias  # [N, T]
         for eff, v, ln in zip(self.effects, ids, lengths):
+            e = eff[:, v % eff.shape[1]]  # [T, ids]
+            if ln is None:
+                z += e.T
+                continue
             rows = np.repeat(np.arange(len(ln)), ln)
-            contrib = np.zeros((len(ln), eff.shape[0]))
-            np.add.at(contrib, rows, eff[:, v].T)
-            z += contrib / np.maximum(ln, 1)[:, None]
+            for k in range(e.shape[0]):  # mean of the list's effects
+                z[:, k] += np.bincount(rows, weights=e[k], minlength=len(ln)) / np.maximum(ln, 1)
         return self.signal * z
 
 
-def _ids(rng: np.random.Generator, n: int, card: int) -> np.ndarray:
+def _ids(rng: np.random.Generator, n: int, card: int, skew: float) -> np.ndarray:
     """Power-law ids: small ids are frequent, as in click logs."""
-    return np.minimum((card * rng.random(n) ** 3).astype(np.int64), card - 1)
+    return np.minimum((card * rng.random(n) ** skew).astype(np.int64), card - 1)
 
 
-def generate(out: str | Path, spec: SyntheticSpec) -> Schema:
-    out = Path(out)
-    truth = _Truth(spec, np.random.default_rng([spec.seed, 0]))
-    dense_names = [f"d{i}" for i in range(spec.num_dense)]
-    cat_names = [f"c{i}" for i in range(len(spec.cardinalities))]
-    meta: dict = {"generator": "synthetic", "seed": spec.seed, "correlation": spec.correlation,
-                  "best_auc": {}, "label_rate": {}}
-    for s, (split, rows) in enumerate(spec.rows.items()):
-        rng = np.random.default_rng([spec.seed, 1 + s])
-        dense = rng.normal(size=(rows, spec.num_dense)).astype(np.float32)
-        lengths = [rng.poisson(spec.multi_hot[i] - 1, rows) + 1 if i in spec.multi_hot
-                   else np.ones(rows, np.int64) for i in range(len(cat_names))]
-        ids = [_ids(rng, int(ln.sum()), n) for ln, n in zip(lengths, spec.cardinalities)]
-        prob = 1 / (1 + np.exp(-truth.logits(dense, ids, lengths)))
-        labels = (rng.random(prob.shape) < prob).astype(np.float32)
-        cols: dict[str, pa.Array] = {t: pa.array(labels[:, k]) for k, t in enumerate(spec.tasks)}
-        cols.update({n: pa.array(dense[:, i]) for i, n in enumerate(dense_names)})
-        for i, n in enumerate(cat_names):
-            if i in spec.multi_hot:
-                offsets = np.concatenate([[0], np.cumsum(lengths[i])]).astype(np.int32)
-                cols[n] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids[i]))
+@dataclass
+class _Chunk:
+    dense: np.ndarray  # [N, D] float32, standard normal
+    ids: list[np.ndarray]
+    lengths: list[np.ndarray | None]
+    prob: np.ndarray  # [N, T] true probabilities
+    labels: np.ndarray  # [N, T] float32 0/1
+
+
+def _draw(spec: SyntheticSpec, truth: _Truth, rng: np.random.Generator, n: int) -> _Chunk:
+    dense = rng.normal(size=(n, spec.num_dense)).astype(np.float32)
+    lengths = [rng.poisson(spec.multi_hot[i] - 1, n) + 1 if i in spec.multi_hot else None
+               for i in range(len(spec.cardinalities))]
+    ids = [_ids(rng, n if ln is None else int(ln.sum()), card, spec.skew)
+           for ln, card in zip(lengths, spec.cardinalities)]
+    prob = 1 / (1 + np.exp(-truth.logits(dense, ids, lengths)))
+    labels = (rng.random(prob.shape) < prob).astype(np.float32)
+    return _Chunk(dense, ids, lengths, prob, labels)
+
+
+def _parquet_table(spec: SyntheticSpec, c: _Chunk) -> pa.Table:
+    cols: dict[str, pa.Array] = {t: pa.array(c.labels[:, k]) for k, t in enumerate(spec.tasks)}
+    cols.update({f"d{i}": pa.array(c.dense[:, i]) for i in range(spec.num_dense)})
+    for i, (v, ln) in enumerate(zip(c.ids, c.lengths)):
+        if ln is None:
+            cols[f"c{i}"] = pa.array(v)
+        else:
+            offsets = np.concatenate([[0], np.cumsum(ln)]).astype(np.int32)
+            cols[f"c{i}"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(v))
+    return pa.table(cols)
+
+
+HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
+def hex_strings(values: np.ndarray, missing: np.ndarray | None = None) -> pa.Array:
+    """uint32 values -> 8-digit lowercase hex strings (Criteo's look), nulls where `missing`."""
+    v = values.astype(np.uint32)
+    digits = HEX_DIGITS[(v[:, None] >> np.arange(28, -1, -4, dtype=np.uint32)) & 15]  # [N, 8]
+    offsets = np.arange(0, 8 * len(v) + 1, 8, dtype=np.int32)
+    validity = None
+    if missing is not None and missing.any():
+        validity = pa.array(~missing).buffers()[1]
+    return pa.StringArray.from_buffers(len(v), pa.py_buffer(offsets), pa.py_buffer(digits.tobytes()),
+                                       validity, null_count=-1)
+
+
+def _tsv_table(spec: SyntheticSpec, c: _Chunk, rng: np.random.Generator) -> pa.Table:
+    """Labels as 0/1, dense as counts floor(expm1(1.5 (x + 1.5))) (so log1p recovers a clipped,
+    scaled x), ids as hex of a per-column bijective scramble (so hash sizes do not align with
+    the hidden ids)."""
+    n, num_cat = len(c.dense), len(spec.cardinalities)
+    missing = rng.random((n, spec.num_dense + num_cat)) < spec.missing if spec.missing else None
+    cols: dict[str, pa.Array] = {t: pa.array(c.labels[:, k].astype(np.int8)) for k, t in enumerate(spec.tasks)}
+    counts = np.floor(np.expm1(np.maximum(1.5 * (c.dense.astype(np.float64) + 1.5), 0))).astype(np.int64)
+    for i in range(spec.num_dense):
+        mask = None if missing is None else missing[:, i]
+        cols[f"d{i}"] = pa.array(counts[:, i], mask=mask)
+    for i, v in enumerate(c.ids):
+        scrambled = (v.astype(np.uint64) * np.uint64(2654435761) + np.uint64((0x9E3779B1 * (i + 1)) & 0xFFFFFFFF)) & np.uint64(0xFFFFFFFF)
+        cols[f"c{i}"] = hex_strings(scrambled, None if missing is None else missing[:, spec.num_dense + i])
+    return pa.table(cols)
+
+
+def _split_key(split: str) -> int:
+    return zlib.crc32(split.encode())  # stable, unlike hash(); adding a split changes no other
+
+
+def _write_file(spec: SyntheticSpec, split: str, index: int, rows: int, path: Path, fmt: str,
+                sample: int) -> dict:
+    """Writes one file; returns its row count, label sums and a sample of (prob, labels)."""
+    truth = _Truth(spec)
+    rng = np.random.default_rng([spec.seed, _split_key(split), index])
+    chunk = max(spec.row_group_size, CHUNK_ROWS // spec.row_group_size * spec.row_group_size)
+    writer, sums, probs, labels = None, np.zeros(len(spec.tasks)), [], []
+    done, kept = 0, 0
+    try:
+        while done < rows or writer is None:
+            n = min(chunk, rows - done)
+            c = _draw(spec, truth, rng, n)
+            if fmt == "parquet":
+                table = _parquet_table(spec, c)
+                writer = writer or pq.ParquetWriter(path, table.schema)
+                writer.write_table(table, row_group_size=spec.row_group_size)
             else:
-                cols[n] = pa.array(ids[i])
-        table = pa.table(cols)
+                table = _tsv_table(spec, c, rng)
+                if writer is None:
+                    sink = pa.CompressedOutputStream(str(path), "gzip") if path.suffix == ".gz" else str(path)
+                    opts = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+                    writer = pacsv.CSVWriter(sink, table.schema, write_options=opts)
+                writer.write_table(table)
+            sums += c.labels.sum(0)
+            take = min(n, sample - kept)
+            probs.append(c.prob[:take])
+            labels.append(c.labels[:take])
+            done, kept = done + n, kept + take
+    finally:
+        if writer is not None:
+            writer.close()
+    return {"rows": rows, "label_sum": sums, "prob": np.concatenate(probs), "labels": np.concatenate(labels)}
+
+
+def _write_all(out: Path, spec: SyntheticSpec, fmt: str, workers: int, gzip: bool = False) -> dict:
+    """Every split's files, through a pool of `workers` processes; returns the meta."""
+    if spec.multi_hot and fmt == "tsv":
+        raise ValueError("multi-hot columns have no Criteo TSV form; write Parquet instead")
+    jobs = []
+    for split, rows in spec.rows.items():
         (out / split).mkdir(parents=True, exist_ok=True)
-        bounds = np.linspace(0, rows, spec.files_per_split + 1).astype(int)
-        for f, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            pq.write_table(table.slice(a, b - a), out / split / f"part-{f}.parquet",
-                           row_group_size=spec.row_group_size)
+        files = max(1, min(spec.files_per_split, rows))
+        bounds = np.linspace(0, rows, files + 1).astype(int)
+        suffix = ".parquet" if fmt == "parquet" else ".tsv.gz" if gzip else ".tsv"
+        for f in range(files):
+            jobs.append((spec, split, f, int(bounds[f + 1] - bounds[f]), out / split / f"part-{f:05d}{suffix}",
+                         fmt, math.ceil(spec.auc_rows / files)))
+    if workers > 1 and len(jobs) > 1:
+        # fork: the workers need no fresh import of this package (and `python -m app` runs the
+        # CLI on import, which a spawned worker would repeat)
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(_write_file, *zip(*jobs)))
+    else:
+        results = [_write_file(*job) for job in jobs]
+    meta: dict = {"generator": "synthetic", "seed": spec.seed, "correlation": spec.correlation,
+                  "rows": {}, "best_auc": {}, "best_auc_rows": {}, "label_rate": {},
+                  "spec": {k: v for k, v in asdict(spec).items() if k not in ("rows",)}}
+    for split in spec.rows:
+        mine = [r for job, r in zip(jobs, results) if job[1] == split]
+        rows = sum(r["rows"] for r in mine)
+        prob = np.concatenate([r["prob"] for r in mine])
+        labels = np.concatenate([r["labels"] for r in mine])
+        sums = sum(r["label_sum"] for r in mine)
+        meta["rows"][split] = rows
         meta["best_auc"][split] = {t: _auc(prob[:, k], labels[:, k]) for k, t in enumerate(spec.tasks)}
-        meta["label_rate"][split] = {t: float(labels[:, k].mean()) for k, t in enumerate(spec.tasks)}
-    schema = Schema(labels=list(spec.tasks), dense=dense_names,
+        meta["best_auc_rows"][split] = len(prob)  # fewer than rows: computed on a sample
+        meta["label_rate"][split] = {t: float(sums[k] / max(rows, 1)) for k, t in enumerate(spec.tasks)}
+    return meta
+
+
+def generate(out: str | Path, spec: SyntheticSpec, workers: int = 1) -> Schema:
+    """Writes Parquet splits and `schema.json` into `out`; the same output for any `workers`."""
+    from app.data import Schema
+
+    out = Path(out)
+    meta = _write_all(out, spec, "parquet", workers)
+    cat_names = [f"c{i}" for i in range(len(spec.cardinalities))]
+    schema = Schema(labels=list(spec.tasks), dense=[f"d{i}" for i in range(spec.num_dense)],
                     categorical=dict(zip(cat_names, spec.cardinalities)),
-                    multi_hot=[cat_names[i] for i in spec.multi_hot], meta=meta)
+                    multi_hot=[cat_names[i] for i in sorted(spec.multi_hot)], meta=meta)
     schema.save(out)
     return schema
+
+
+def generate_tsv(out: str | Path, spec: SyntheticSpec, workers: int = 1, gzip: bool = False) -> dict:
+    """Writes the same hidden model's rows as Criteo TSV, one folder per split, and the best
+    AUC and label rates into `truth.json`; returns that meta."""
+    out = Path(out)
+    meta = _write_all(out, spec, "tsv", workers, gzip=gzip)
+    (out / TRUTH_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
 
 
 def add_data_command(sub) -> None:
     p = sub.add_parser("synthetic", help="Criteo-shape rows with a known best achievable AUC")
     p.add_argument("--out", default="data/debug")
-    p.add_argument("--rows", default="20000,5000", help="train,test rows")
+    p.add_argument("--rows", default="20000,5000",
+                   help="train,test rows, or split=rows pairs: train=1000000,valid=1000,test=5000")
     p.add_argument("--cardinalities", default=",".join(["1000"] * 26),
                    help="one vocabulary size per categorical column")
     p.add_argument("--dense", type=int, default=13)
     p.add_argument("--tasks", default="click,convert")
     p.add_argument("--correlation", type=float, default=0.5)
+    p.add_argument("--signal", type=float, default=1.5, help="scale of the true logits; larger is easier")
+    p.add_argument("--skew", type=float, default=3.0, help="id = floor(cardinality * u**skew); 1 is uniform")
+    p.add_argument("--multi-hot", default="", help="column:mean length pairs, e.g. 3:4,7:2.5")
+    p.add_argument("--files-per-split", type=int, default=1)
+    p.add_argument("--row-group-size", type=int, default=4096)
+    p.add_argument("--workers", type=int, default=1, help="processes writing files; same output for any")
+    p.add_argument("--format", choices=("parquet", "tsv"), default="parquet",
+                   help="tsv: Criteo TSV for `mmoe data criteo-tsv` (no multi-hot)")
+    p.add_argument("--missing", type=float, default=0.0, help="tsv: fraction of empty feature fields")
+    p.add_argument("--gzip", action="store_true", help="tsv: write .tsv.gz")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_run)
 
 
+def _parse_rows(text: str) -> dict[str, int]:
+    if "=" not in text:
+        train_rows, test_rows = (int(x) for x in text.split(","))
+        return {"train": train_rows, "test": test_rows}
+    return {k: int(v) for k, v in (pair.split("=") for pair in text.split(","))}
+
+
 def _run(args) -> None:
-    train_rows, test_rows = (int(x) for x in args.rows.split(","))
-    spec = SyntheticSpec(rows={"train": train_rows, "test": test_rows}, num_dense=args.dense,
+    multi_hot = {int(c): float(m) for c, m in (p.split(":") for p in args.multi_hot.split(",") if p)}
+    spec = SyntheticSpec(rows=_parse_rows(args.rows), num_dense=args.dense,
                          cardinalities=[int(x) for x in args.cardinalities.split(",")],
-                         tasks=args.tasks.split(","), correlation=args.correlation, seed=args.seed)
-    schema = generate(args.out, spec)
-    print(f"wrote {args.out}: best achievable test AUC {schema.meta['best_auc']['test']}")
+                         multi_hot=multi_hot, tasks=args.tasks.split(","), correlation=args.correlation,
+                         signal=args.signal, skew=args.skew, files_per_split=args.files_per_split,
+                         row_group_size=args.row_group_size, missing=args.missing, seed=args.seed)
+    if args.format == "tsv":
+        meta = generate_tsv(args.out, spec, workers=args.workers, gzip=args.gzip)
+    else:
+        meta = generate(args.out, spec, workers=args.workers).meta
+    last = list(spec.rows)[-1]
+    print(f"wrote {args.out} ({args.format}): best achievable {last} AUC {meta['best_auc'][last]}")

@@ -29,7 +29,7 @@ from app.config import Config, save_config
 from app.data import Batch, Columns, ParquetBatches, Position, Schema, iter_batches
 from app.metrics import EvalMetrics, TrainMetrics
 from app.model import MultiTaskModel, MultiTaskTrain, table_name
-from app.plan import make_planner, sharders
+from app.plan import sharders, training_plan
 
 log = logging.getLogger("app")
 
@@ -81,17 +81,23 @@ def build(cfg: Config, env: Env, columns: Columns):
     if cfg.optim.weight_decay:
         sparse_kwargs["weight_decay"] = cfg.optim.weight_decay
     apply_optimizer_in_backward(SPARSE_OPTIMIZERS[cfg.optim.sparse], model.sparse.ebc.parameters(),
-                                sparse_kwargs)
-    planner = make_planner(cfg.plan, [table_name(f) for f in columns.categorical], env.world_size,
-                           env.device.type, cfg.data.batch_size, local_world_size=env.local_world_size)
-    plan = planner.collective_plan(wrapped, sharders(), dist.GroupMember.WORLD)
+                                dict(sparse_kwargs))  # it adds keys to the dict it gets
+    plan = training_plan(cfg.plan, wrapped, [table_name(f) for f in columns.categorical],
+                         env.world_size, env.device.type, cfg.data.batch_size, env.local_world_size)
     dmp = DistributedModelParallel(wrapped, device=env.device, plan=plan, sharders=sharders())
-    dense = KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(dmp.named_parameters())),
-        lambda params: DENSE_OPTIMIZERS[cfg.optim.dense](params, lr=cfg.optim.dense_lr,
-                                                         weight_decay=cfg.optim.weight_decay),
-    )
-    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), plan
+    # Tables the plan replicates (data_parallel) are plain parameters after sharding, outside
+    # the fused optimizer: give them the sparse optimizer too, stepped after DDP's all-reduce.
+    unfused = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    replicated = {k: v for k, v in unfused.items() if ".sparse.ebc." in k}
+    dense = {k: v for k, v in unfused.items() if k not in replicated}
+    optimizers = [dmp.fused_optimizer]
+    if replicated:
+        optimizers.append(("replicated_tables", KeyedOptimizerWrapper(
+            replicated, lambda ps: SPARSE_OPTIMIZERS[cfg.optim.sparse](ps, **sparse_kwargs))))
+    optimizers.append(("dense", KeyedOptimizerWrapper(
+        dense, lambda ps: DENSE_OPTIMIZERS[cfg.optim.dense](ps, lr=cfg.optim.dense_lr,
+                                                            weight_decay=cfg.optim.weight_decay))))
+    return dmp, CombinedOptimizer(optimizers), plan
 
 
 def _datasets(cfg: Config, env: Env, columns: Columns) -> tuple[ParquetBatches, ParquetBatches]:
