@@ -122,6 +122,7 @@ def _stat_problem(name: str, stats, tp: pa.DataType, columns: "Columns",
         return f"{nulls} null values"
     if lo is None:
         return None
+    lo, hi = lo + 0, hi + 0  # writers store a float min of 0 as -0.0
     if name in columns.categorical:
         card = columns.cardinality[columns.categorical.index(name)]
         if lo < 0 or hi >= card:
@@ -158,20 +159,23 @@ def check_statistics(path: Path, meta: pq.FileMetaData, columns: "Columns",
 # Values of a decoded row group
 
 
+def _array(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    if isinstance(col, pa.ChunkedArray):  # combine_chunks copies even a single chunk
+        return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    return col
+
+
 def _floats(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Values as numpy, nulls as NaN (zero-copy for a float column without nulls)."""
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
+    col = _array(col)
     if not pa.types.is_floating(col.type):
         col = col.cast(pa.float64())
     return col.to_numpy(zero_copy_only=False)
 
 
 def _not_finite(x: np.ndarray) -> np.ndarray | None:
-    # a float64 sum of float32 values cannot overflow, so a finite sum proves all are finite
-    if x.size == 0 or np.isfinite(x.sum(dtype=np.float64)):
-        return None
-    return ~np.isfinite(x)
+    finite = np.isfinite(x)
+    return None if finite.all() else ~finite
 
 
 def bad_rows(table: pa.Table, columns: "Columns", label_kinds: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -191,8 +195,7 @@ def bad_rows(table: pa.Table, columns: "Columns", label_kinds: tuple[str, ...]) 
         if mask is not None:
             masks[name] = mask
     for name, card in zip(columns.categorical, columns.cardinality):
-        arr = table.column(name).combine_chunks()
-        mask = _bad_ids(arr, card)
+        mask = _bad_ids(_array(table.column(name)), card)
         if mask is not None:
             masks[name] = mask
     return masks
@@ -224,12 +227,13 @@ def _bad_ids(arr: pa.Array, card: int) -> np.ndarray | None:
 
 
 def _ids_out_of_range(ids: pa.Array, card: int) -> bool:
+    """Cheap test first: the masks are built only for a column that fails it."""
     if ids.null_count:
         return True
     if len(ids) == 0:
         return False
-    lo, hi = pc.min_max(ids).values()  # one pass in Arrow; the masks are built only if needed
-    return lo.as_py() < 0 or hi.as_py() >= card
+    v = ids.to_numpy()  # zero-copy without nulls
+    return bool(v.min() < 0 or v.max() >= card)
 
 
 def _null_mask(arr: pa.Array) -> np.ndarray:

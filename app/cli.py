@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
 import warnings
 
 COMMANDS = {}
-DATA_SOURCES = ["app.census", "app.synthetic"]  # modules with add_data_command(subparsers)
+DATA_SOURCES = ["app.census", "app.synthetic", "app.criteo"]  # modules with add_data_command(subparsers)
 
 
 def command(fn):
@@ -36,6 +37,36 @@ def train(argv: list[str]) -> None:
                                             if k in ("auc", "logloss", "rmse"))
                           for t, m in summary["tasks"].items())
         print(f"done: {summary['steps']} steps, {summary['samples_per_sec']:,.0f} samples/s; {tasks}")
+
+
+@command
+def predict(argv: list[str]) -> None:
+    """Score a split with a checkpoint: mmoe predict --checkpoint DIR --out DIR [--merge]"""
+    p = argparse.ArgumentParser(prog="mmoe predict", description=predict.__doc__)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", required=True)
+    p.add_argument("--merge", action="store_true", help="one predictions.parquet instead of one per rank")
+    args, overrides = p.parse_known_args(argv)
+    from app.predict import predict as run
+
+    path = run(args.checkpoint, args.split, args.out, args.merge, overrides)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"wrote {path if args.merge else path.parent}")
+
+
+@command
+def eval(argv: list[str]) -> None:
+    """Metrics of a checkpoint on a split: mmoe eval --checkpoint DIR [--split test]"""
+    p = argparse.ArgumentParser(prog="mmoe eval", description=eval.__doc__)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder")
+    p.add_argument("--split", default="test")
+    args, overrides = p.parse_known_args(argv)
+    from app.predict import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.split, overrides)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(metrics, indent=2))
 
 
 @command
@@ -64,6 +95,50 @@ def report(argv: list[str]) -> None:
         print(f"wrote {write_report(args.run_dir)}")
     except ReportError as e:
         sys.exit(f"error: {e}")
+
+
+@command
+def plan(argv: list[str]) -> None:
+    """Dry-run the sharding planner on any machine: mmoe plan --world-size N [--config FILE] [options]"""
+    p = argparse.ArgumentParser(
+        prog="mmoe plan", description=plan.__doc__, allow_abbrev=False,
+        epilog="Columns come from the config's data path (a data set, or a folder or file holding "
+               "schema.json), --schema, or --cardinality. --section.key value overrides the config, "
+               "e.g. --plan.tables.c3.compute_kernels '[\"fused_uvm_caching\"]'. "
+               "Train with the result: mmoe train --config FILE --plan.file plan.json")
+    p.add_argument("--config", default="configs/census_mmoe.toml")
+    p.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) to plan for")
+    p.add_argument("--local-world-size", type=int, default=8, help="ranks per host (default 8)")
+    p.add_argument("--compute-device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--hbm", default="80GiB", help="GPU memory per rank (default 80GiB)")
+    p.add_argument("--ddr", default="128GiB", help="host memory per rank (default 128GiB)")
+    p.add_argument("--batch-size-per-rank", type=int, help="default: the config's data.batch_size")
+    p.add_argument("--schema", help="schema.json (or its folder) to plan instead of the config's data")
+    p.add_argument("--cardinality", help="plan without data: N gives the Criteo shape (26 columns "
+                                         "c0..c25 of N rows, 13 dense); N0,N1,... one column per value; "
+                                         "cK=M changes column cK, e.g. 100000,c3=100000000")
+    p.add_argument("--out", help="write the plan here as JSON, for plan.file")
+    args, overrides = p.parse_known_args(argv)
+    from app import plan as planning
+    from app.config import ConfigError, load_config
+
+    cfg = load_config(args.config, overrides)
+    if args.world_size < 1 or args.local_world_size < 1:
+        raise ConfigError("--world-size and --local-world-size must be at least 1")
+    local = min(args.local_world_size, args.world_size)
+    if args.world_size % local:
+        raise ConfigError(f"--world-size {args.world_size} is not a whole number of hosts of "
+                          f"--local-world-size {local} ranks")
+    schema, where = planning.planning_schema(cfg.data.path, [t.label for t in cfg.tasks.values()],
+                                             args.schema, args.cardinality)
+    topology = planning.make_topology(args.world_size, args.compute_device, local,
+                                      planning.parse_bytes(args.hbm), planning.parse_bytes(args.ddr))
+    result = planning.dry_run_config(cfg, schema, where, topology,
+                                     args.batch_size_per_rank or cfg.data.batch_size)
+    print(planning.report(result))
+    if args.out:
+        planning.save_plan(result.plan, args.out)
+        print(f"\nwrote {args.out}; train with it: mmoe train --config {args.config} --plan.file {args.out}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -65,12 +65,31 @@ class TrainConfig:
     seed: int = 0
     run_dir: str = ""  # empty: runs/<config name>
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 3  # newest complete checkpoints kept
+    resume: bool = True  # continue from RUN_DIR/checkpoints/latest when there is one
+    tensorboard: bool = True  # event files in RUN_DIR/tb (rank 0)
+    gate_stats: bool = True  # per-task mean gate weight of each expert, and gate entropy
+
+
+@dataclass
+class TableConstraints:
+    """Planner constraints for one table, under [plan.tables.<categorical column>]."""
+
+    sharding_types: list[str] = field(default_factory=list)  # empty: plan.sharding_types
+    compute_kernels: list[str] = field(default_factory=list)  # empty: plan.compute_kernels
+    pooling_factor: float = 0.0  # mean ids per row (multi-hot columns); 0: the planner's 1.0
+    cache_load_factor: float = 0.0  # fused_uvm_caching: share of rows cached in HBM; 0: kernel default
 
 
 @dataclass
 class PlanConfig:
+    file: str = ""  # plan JSON from `mmoe plan --out`; when set, training applies it instead of planning
     compute_kernels: list[str] = field(default_factory=list)  # allowed kernels; empty: planner's
-    sharding_types: list[str] = field(default_factory=list)  # allowed types; empty: planner's
+    # allowed types; empty: planner's (above 128 ranks without row_wise and data_parallel: app/plan.py)
+    sharding_types: list[str] = field(default_factory=list)
+    storage_reservation: float = 0.15  # share of each rank's HBM the plan leaves to dense model and inputs
+    tables: dict[str, TableConstraints] = field(default_factory=dict)  # per column; over the lists above
 
 
 @dataclass
@@ -181,14 +200,15 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Reads `path` (TOML), applies overrides, validates, and fills task labels."""
+    """Reads `path` (TOML, or the JSON a run saved), applies overrides, validates, and fills
+    task labels."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         with open(path, "rb") as f:
-            values = tomllib.load(f)
+            values = json.load(f) if path.suffix == ".json" else tomllib.load(f)
         values.setdefault("name", path.stem)
     values = _merge(values, parse_overrides(overrides or []))
     cfg = _build(Config, values, "")

@@ -27,7 +27,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +36,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from app.checks import DataError
+
+if TYPE_CHECKING:  # app.data imports torch, which the pool's workers do not need
+    from app.data import Schema
 
 MISSING_ID, RARE_ID = 0, 1
 DEFAULT_LABELS = ("click", "convert")
@@ -191,9 +194,10 @@ _HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
 _HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
 
 
-def parse_hex(arr: pa.Array, where: str) -> tuple[np.ndarray, np.ndarray]:
+def parse_hex(arr: pa.Array, at: Callable[[int], str]) -> tuple[np.ndarray, np.ndarray]:
     """Hex strings -> (uint64 values, mask of present values); null or "" is missing.
-    Vectorized over the string buffer: one gather per digit position."""
+    Vectorized over the string buffer: one gather per digit position. `at(row)` names a row
+    for the error message."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     n = len(arr)
@@ -207,6 +211,9 @@ def parse_hex(arr: pa.Array, where: str) -> tuple[np.ndarray, np.ndarray]:
     rows = np.flatnonzero(present)
     starts, lengths = offsets[:-1][rows], lengths[rows]
     width = int(lengths.max(initial=0))
+    if width > 16:
+        row = int(rows[np.flatnonzero(lengths > 16)[0]])
+        raise DataError(f"{at(row)}: value {arr[row].as_py()!r} has more than 16 hex digits")
     values = np.zeros(len(rows), np.uint64)
     bad = np.zeros(len(rows), bool)
     uniform = len(rows) == 0 or int(lengths.min()) == width
@@ -220,10 +227,9 @@ def parse_hex(arr: pa.Array, where: str) -> tuple[np.ndarray, np.ndarray]:
             digit = _HEX[data[starts[act] + j]]
             bad[act] |= digit == 255
             values[act] = (values[act] << np.uint64(4)) | digit.astype(np.uint64)
-    if bad.any() or width > 16:
-        row = int(rows[np.flatnonzero(bad | (lengths > 16))[0]])
-        raise DataError(f"{where}: value {arr[row].as_py()!r} is not a hexadecimal number of at "
-                        f"most 16 digits")
+    if bad.any():
+        row = int(rows[np.flatnonzero(bad)[0]])
+        raise DataError(f"{at(row)}: value {arr[row].as_py()!r} is not hexadecimal")
     out = np.zeros(n, np.uint64)
     out[rows] = values
     return out, present
@@ -285,22 +291,26 @@ def _ids(values: np.ndarray, present: np.ndarray, column: int, opts: Options,
     return ids
 
 
-def convert_batch(batch: pa.RecordBatch, opts: Options, vocab: Vocabulary | None, where: str) -> pa.Table:
-    """One parsed block -> output columns: float32 labels and dense, int64 ids."""
+def convert_batch(batch: pa.RecordBatch, opts: Options, vocab: Vocabulary | None, where: str,
+                  first_line: int = 1) -> pa.Table:
+    """One parsed block -> output columns: float32 labels and dense, int64 ids. `where` and
+    `first_line` (the block's first line) locate a bad field in the error message."""
     cols: dict[str, np.ndarray] = {}
     for name in opts.labels:
         y = pc.fill_null(batch.column(name), -1).to_numpy()
         bad = (y != 0) & (y != 1)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{where}, line {row + 1} of its block: label {name!r} is "
-                            f"{batch.column(name)[row].as_py()!r}; labels must be 0 or 1")
+            value = batch.column(name)[row].as_py()
+            raise DataError(f"{where}, line {first_line + row}, label {name!r}: "
+                            f"{'empty' if value is None else value}; labels must be 0 or 1")
         cols[name] = y.astype(np.float32)
     for name in opts.dense:
         x = pc.fill_null(batch.column(name).cast(pa.float64()), opts.dense_fill).to_numpy()
         cols[name] = (np.log1p(np.maximum(x, 0)) if opts.log1p else x).astype(np.float32)
     for i, name in enumerate(opts.categorical):
-        values, present = parse_hex(batch.column(name), f"{where}, column {name}")
+        values, present = parse_hex(batch.column(name),
+                                    lambda r: f"{where}, line {first_line + r}, column {name}")
         cols[name] = _ids(values, present, i, opts, vocab)
     return pa.table(cols)
 
@@ -328,12 +338,15 @@ def count_piece(piece: Piece, opts: Options) -> list[tuple[np.ndarray, np.ndarra
     """Per categorical column, (sorted values, counts) of the values present in `piece`."""
     names, types = _types(opts)
     parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in opts.categorical]
+    line = 1
     for batch in _batches(piece, names, types, include=opts.categorical):
         for i, name in enumerate(opts.categorical):
-            values, present = parse_hex(batch.column(name), f"{piece.where}, column {name}")
+            values, present = parse_hex(batch.column(name),
+                                        lambda r: f"{piece.where}, line {line + r}, column {name}")
             parts[i].append(np.unique(values[present], return_counts=True))
             if len(parts[i]) >= 8:  # fold now and then: bounded by the piece's distinct values
                 parts[i] = [_merge_counts(parts[i])]
+        line += batch.num_rows
     return [_merge_counts(p) if p else (np.zeros(0, np.uint64), np.zeros(0, np.int64)) for p in parts]
 
 
@@ -347,7 +360,7 @@ def convert_piece(piece: Piece, opts: Options, out_file: str) -> dict:
     rgs = opts.row_group_size
     try:
         for batch in _batches(piece, names, types):
-            table = convert_batch(batch, opts, _VOCAB, f"{piece.where}, after line {rows}")
+            table = convert_batch(batch, opts, _VOCAB, piece.where, first_line=rows + 1)
             sums += [np.sum(table.column(n).to_numpy()) for n in opts.labels]
             rows += table.num_rows
             pending.append(table)
@@ -413,12 +426,13 @@ def convert(inputs: dict[str, list[str | Path]], out: str | Path, opts: Options,
         raise DataError(f"an input file is listed twice: {sorted({p for p in seen if seen.count(p) > 1})}")
     if opts.mode == "vocab" and "train" not in inputs:
         raise DataError("vocab mode builds its vocabulary from the train split; give --train files")
-    existing = [out / s for s in inputs if (out / s).exists()] + [out / "schema.json"]
-    if not force and any(p.exists() for p in existing):
+    old_splits = [d for d in out.glob("*") if d.is_dir() and any(d.glob("*.parquet"))]
+    if not force and (old_splits or (out / "schema.json").exists()):
         raise DataError(f"{out} already holds a data set; pass --force to replace it")
 
-    stage = out / ".incomplete"
+    stage = out / ".incomplete"  # renamed into place once every split converted
     shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
     try:
         vocab = None
         if opts.mode == "vocab":
@@ -439,8 +453,9 @@ def convert(inputs: dict[str, list[str | Path]], out: str | Path, opts: Options,
         for split, n in rows.items():
             if n == 0:
                 raise DataError(f"split {split!r}: its input files {inputs[split]} hold no rows")
-        for split in inputs:  # every split converted: replace the old data set
-            shutil.rmtree(out / split, ignore_errors=True)
+        for old in old_splits:  # every split converted: replace the old data set
+            shutil.rmtree(old)
+        for split in inputs:
             (stage / split).rename(out / split)
         (out / VOCAB_FILE).unlink(missing_ok=True)
         if vocab is not None:

@@ -319,6 +319,7 @@ class Position:
 def consume(spans: list[Span], world_size: int, rows_per_rank: int) -> list[Span]:
     """Remaining positions after every rank took `rows_per_rank` rows from its equal share."""
     size = span_rows(spans) // world_size
+    rows_per_rank = min(rows_per_rank, size)
     out: list[Span] = []
     for r in range(world_size):
         out += take_spans(spans, r * size + rows_per_rank, size - rows_per_rank)
@@ -432,6 +433,9 @@ class ParquetBatches(IterableDataset):
 def iter_batches(dataset: ParquetBatches, num_workers: int, pin_memory: bool) -> Iterator[Batch]:
     """Step-ordered batches of one epoch (or of what remains of it)."""
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                        persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                        persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                        # its own generator: drawing worker seeds from the global one would
+                        # shift dropout masks depending on when an epoch's loader starts
+                        generator=torch.Generator())
     for chunk in loader:
         yield from chunk

@@ -6,6 +6,9 @@ fails with the torchmetrics/lightning-utilities releases torchrec 1.8 installs b
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
@@ -15,22 +18,64 @@ from app.config import TaskConfig
 
 
 class TrainMetrics:
-    """Running sums of per-task losses since the last read; no host sync until `read`."""
+    """Running sums of per-task losses (and gate statistics) since the last read.
+
+    Updates stay on the device; `read` is the one host sync, made on log steps only.
+    """
 
     def __init__(self, tasks: list[str], device: torch.device):
         self.tasks = tasks
-        self.sums = torch.zeros(len(tasks), device=device)
+        self.losses = torch.zeros(len(tasks), device=device)
+        self.gates: torch.Tensor | None = None  # [T, E + 1]
         self.steps = 0
 
-    def update(self, losses: torch.Tensor) -> None:
-        self.sums += losses
+    def update(self, losses: torch.Tensor, gates: torch.Tensor | None) -> None:
+        self.losses += losses
+        if gates is not None:
+            self.gates = gates.clone() if self.gates is None else self.gates + gates
         self.steps += 1
 
-    def read(self) -> dict[str, float]:
-        means = (self.sums / max(self.steps, 1)).tolist()  # the one host sync per log step
-        self.sums.zero_()
-        self.steps = 0
-        return {f"train/{t}/loss": v for t, v in zip(self.tasks, means)}
+    def read(self, group_mean=lambda t: t) -> dict[str, float]:
+        """Means since the last read; `group_mean` averages a tensor over ranks."""
+        n = max(self.steps, 1)
+        out: dict[str, float] = {}
+        losses = group_mean(self.losses / n).tolist()
+        out.update({f"train/{t}/loss": v for t, v in zip(self.tasks, losses)})
+        if self.gates is not None:
+            gates = group_mean(self.gates / n).tolist()
+            for t, row in zip(self.tasks, gates):
+                out.update({f"train/{t}/gate_e{k}": v for k, v in enumerate(row[:-1])})
+                out[f"train/{t}/gate_entropy"] = row[-1]
+        self.losses.zero_()
+        self.gates, self.steps = None, 0
+        return out
+
+
+class RunLog:
+    """Rank 0's record of a run: RUN_DIR/metrics.jsonl lines and TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def write(self, step: int, record: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch"):
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 class EvalMetrics(nn.Module):
@@ -47,7 +92,7 @@ class EvalMetrics(nn.Module):
         self.skipped = SumMetric()
 
     def update(self, preds: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> None:
-        keep = weights > 0
+        keep = weights > 0  # rows skipped as bad input are counted, not scored
         self.rows.update(keep.sum())
         self.skipped.update((~keep).sum())
         preds, labels = preds[keep], labels[keep]

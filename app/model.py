@@ -4,6 +4,8 @@ Shapes: B rows, F categorical features of dim d, D dense features, E experts, T 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
@@ -14,6 +16,17 @@ from app.config import ModelConfig, TaskConfig
 from app.data import Batch, Columns
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+class Outputs(NamedTuple):
+    """What a step returns besides the loss; all detached, still on the device."""
+
+    losses: torch.Tensor  # [T] per-task mean loss
+    preds: torch.Tensor  # [B, T]
+    labels: torch.Tensor  # [B, T]
+    weights: torch.Tensor  # [B]
+    gates: torch.Tensor | None  # [T, E + 1] (mean gate weights, entropy) for gated heads
+    row_ids: torch.Tensor  # [B] the rows' indices in their split
 
 
 def table_name(feature: str) -> str:
@@ -78,7 +91,10 @@ class Experts(nn.Module):
 
 
 class MMoE(nn.Module):
-    """Multi-gate mixture of experts: one softmax gate per task. [B, in] -> [B, T, out]."""
+    """Multi-gate mixture of experts: one softmax gate per task.
+
+    [B, in] -> ([B, T, out], gate weights [B, T, E]).
+    """
 
     def __init__(self, in_dim: int, num_tasks: int, cfg: ModelConfig):
         super().__init__()
@@ -91,12 +107,13 @@ class MMoE(nn.Module):
         """[B, T, E], each row sums to 1."""
         return self.gates(x).view(-1, self.num_tasks, self.num_experts).softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bte,ebh->bth", self.gate_weights(x), self.experts(x))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gates = self.gate_weights(x)
+        return torch.einsum("bte,ebh->bth", gates, self.experts(x)), gates
 
 
 class SharedBottom(nn.Module):
-    """One MLP shared by all tasks. [B, in] -> [B, T, out]."""
+    """One MLP shared by all tasks. [B, in] -> ([B, T, out], None: no gates)."""
 
     def __init__(self, in_dim: int, num_tasks: int, cfg: ModelConfig):
         super().__init__()
@@ -104,15 +121,18 @@ class SharedBottom(nn.Module):
         self.bottom = mlp([in_dim, *cfg.expert_layers], cfg.activation, cfg.dropout)
         self.out_dim = cfg.expert_layers[-1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bottom(x).unsqueeze(1).expand(-1, self.num_tasks, -1)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.bottom(x).unsqueeze(1).expand(-1, self.num_tasks, -1), None
 
 
 HEADS = {"mmoe": MMoE, "shared_bottom": SharedBottom}
 
 
 class MultiTaskModel(nn.Module):
-    """(dense [B, D], KJT) -> logits [B, T], one tower per task in config order."""
+    """(dense [B, D], KJT) -> (logits [B, T], gate weights [B, T, E] or None).
+
+    One tower per task, in config order.
+    """
 
     def __init__(self, columns: Columns, tasks: dict[str, TaskConfig], cfg: ModelConfig,
                  device: torch.device | str = "cpu"):
@@ -129,12 +149,13 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, dense: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
         x = torch.cat([self.sparse(features), dense], dim=1)
-        h = self.head(x)  # [B, T, H]
-        return torch.cat([tower(h[:, t]) for t, tower in enumerate(self.towers.values())], dim=1)
+        h, gates = self.head(x)  # [B, T, H]
+        logits = torch.cat([tower(h[:, t]) for t, tower in enumerate(self.towers.values())], dim=1)
+        return logits, gates
 
 
 class MultiTaskTrain(nn.Module):
-    """Batch -> (weighted loss sum, (per-task losses [T], predictions [B, T], labels, weights)).
+    """Batch -> (weighted loss sum, Outputs).
 
     Predictions are probabilities for binary tasks and raw values for regression tasks.
     Rows of weight 0 (skipped as bad input) add nothing to any loss.
@@ -149,8 +170,9 @@ class MultiTaskTrain(nn.Module):
         self.register_buffer("binary", torch.tensor([t.type == "binary" for t in tasks.values()],
                                                     device=device), persistent=False)
 
-    def forward(self, batch: Batch):
-        logits = self.model(batch.dense, batch.sparse_features).float()
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, Outputs]:
+        logits, gates = self.model(batch.dense, batch.sparse_features)
+        logits = logits.float()
         bce = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
         mse = (logits - batch.labels) ** 2
         per_row = torch.where(self.binary, bce, mse)  # [B, T]
@@ -158,4 +180,13 @@ class MultiTaskTrain(nn.Module):
         losses = (per_row * w).sum(0) / w.sum().clamp(min=1.0)  # [T]
         preds = torch.where(self.binary, logits.sigmoid(), logits)
         loss = (losses * self.loss_weights).sum()
-        return loss, (losses.detach(), preds.detach(), batch.labels, batch.weights)
+        return loss, Outputs(losses.detach(), preds.detach(), batch.labels, batch.weights,
+                             _gate_stats(gates.detach(), w) if gates is not None else None,
+                             batch.row_ids)
+
+
+def _gate_stats(gates: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[T, E + 1]: each expert's mean gate weight per task, then the mean gate entropy."""
+    w = w.unsqueeze(2) / w.sum().clamp(min=1.0)  # [B, 1, 1]
+    entropy = -(gates * gates.clamp(min=1e-12).log()).sum(-1, keepdim=True)  # [B, T, 1]
+    return (torch.cat([gates, entropy], dim=2) * w).sum(0)

@@ -5,11 +5,12 @@ ranks, and on NCCL GPUs under torchrun.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
+import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,12 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm import tqdm
 
+from app import checkpoint
 from app.config import Config, save_config
-from app.data import Batch, Columns, ParquetBatches, Position, Schema, iter_batches
-from app.metrics import EvalMetrics, TrainMetrics
-from app.model import MultiTaskModel, MultiTaskTrain, table_name
+from app.data import (Batch, Columns, ParquetBatches, Position, Schema, consume, iter_batches,
+                      span_rows)
+from app.metrics import EvalMetrics, RunLog, TrainMetrics
+from app.model import MultiTaskModel, MultiTaskTrain, Outputs, table_name
 from app.plan import sharders, training_plan
 
 log = logging.getLogger("app")
@@ -72,6 +75,12 @@ def init_distributed(device: str) -> Env:
     return Env(rank, world, local_rank, local_world, dev)
 
 
+def resolve_columns(cfg: Config) -> Columns:
+    schema = Schema.load(cfg.data.path)
+    return Columns.resolve(schema, [t.label for t in cfg.tasks.values()], cfg.data.dense,
+                           cfg.data.categorical, where=str(Path(cfg.data.path) / "schema.json"))
+
+
 def build(cfg: Config, env: Env, columns: Columns):
     """Model on the device with its tables on `meta`, planned, sharded, with optimizers."""
     torch.manual_seed(cfg.train.seed)  # identical dense init on every rank
@@ -100,31 +109,19 @@ def build(cfg: Config, env: Env, columns: Columns):
     return dmp, CombinedOptimizer(optimizers), plan
 
 
+def split_data(cfg: Config, env: Env, columns: Columns, split: str, train: bool) -> ParquetBatches:
+    return ParquetBatches(cfg.data.path, split, columns, tuple(t.type for t in cfg.tasks.values()),
+                          cfg.data.batch_size if train else cfg.data.eval_batch_size, env.rank,
+                          env.world_size, train=train, seed=cfg.train.seed,
+                          shuffle=cfg.data.shuffle, on_bad_rows=cfg.data.on_bad_rows)
+
+
 def _datasets(cfg: Config, env: Env, columns: Columns) -> tuple[ParquetBatches, ParquetBatches]:
-    kinds = tuple(t.type for t in cfg.tasks.values())
-    common = dict(columns=columns, label_kinds=kinds, rank=env.rank, world_size=env.world_size,
-                  seed=cfg.train.seed, on_bad_rows=cfg.data.on_bad_rows)
-    train_data = ParquetBatches(cfg.data.path, cfg.data.train_split, batch_size=cfg.data.batch_size,
-                                train=True, shuffle=cfg.data.shuffle, **common)
-    eval_data = ParquetBatches(cfg.data.path, cfg.data.eval_split, batch_size=cfg.data.eval_batch_size,
-                               train=False, **common)
-    return train_data, eval_data
+    return (split_data(cfg, env, columns, cfg.data.train_split, train=True),
+            split_data(cfg, env, columns, cfg.data.eval_split, train=False))
 
 
-class Logger:
-    """Rank 0 appends one JSON line per record to RUN_DIR/metrics.jsonl."""
-
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def run_pipeline(pipeline: TrainPipelineSparseDist, batches: Iterator[Batch]) -> Iterator:
+def run_pipeline(pipeline: TrainPipelineSparseDist, batches: Iterator[Batch]) -> Iterator[Outputs]:
     """Outputs of `pipeline.progress` until `batches` is exhausted (the pipeline drains)."""
     while True:
         try:
@@ -133,88 +130,169 @@ def run_pipeline(pipeline: TrainPipelineSparseDist, batches: Iterator[Batch]) ->
             return
 
 
+class Feed:
+    """The batches of one segment; `stop()` ends it early, at the same batch on every rank."""
+
+    def __init__(self, batches: Iterator[Batch], count: int):
+        self.batches, self.left = batches, count
+        self.stopped = self.exhausted = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        if self.left <= 0 or self.stopped:
+            raise StopIteration
+        try:
+            batch = next(self.batches)
+        except StopIteration:
+            self.exhausted = True  # the epoch's data ran out
+            raise
+        self.left -= 1
+        return batch
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
 def evaluate(pipeline: TrainPipelineSparseDist, dmp: torch.nn.Module, data: ParquetBatches,
              cfg: Config, env: Env, split: str = "eval") -> dict[str, float]:
     """Scores a whole split through the pipeline with the model in eval mode (no backward)."""
     metrics = EvalMetrics(cfg.tasks).to(env.device)
     dmp.eval()
     with torch.no_grad():
-        for _, preds, labels, weights in run_pipeline(pipeline, iter_batches(data, cfg.data.num_workers,
-                                                                             env.device.type == "cuda")):
-            metrics.update(preds, labels, weights)
+        for out in run_pipeline(pipeline, iter_batches(data, cfg.data.num_workers, env.device.type == "cuda")):
+            metrics.update(out.preds, out.labels, out.weights)
     dmp.train()
     return metrics.compute(split)
 
 
-def _all_mean(values: dict[str, float], env: Env) -> dict[str, float]:
-    if env.world_size == 1:
-        return values
-    t = torch.tensor(list(values.values()), device=env.device)
-    dist.all_reduce(t)
-    return dict(zip(values, (t / env.world_size).tolist()))
+class StopSignal:
+    """SIGTERM/SIGUSR1 (preemption, Slurm's warning) ask for a checkpoint and a clean exit."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def agreed(self, env: Env) -> bool:
+        """True on every rank once any rank got the signal (a collective)."""
+        flag = torch.tensor([float(self.raised)], device=env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _next_boundary(step: int, total: int, *intervals: int) -> int:
+    """Segments end at evaluations, checkpoints and the end: the pipeline drains there."""
+    return min([total] + [(step // n + 1) * n for n in intervals if n])
+
+
+def _seed_segment(cfg: Config, env: Env, step: int) -> None:
+    """RNG (dropout) depends only on (seed, step, rank), so a resumed run repeats exactly."""
+    torch.manual_seed(hash((cfg.train.seed, step, env.rank)) % 2**63)
 
 
 def train(cfg: Config) -> dict:
-    """Trains and evaluates `cfg`; returns the summary that rank 0 writes to summary.json."""
+    """Trains and evaluates `cfg`; returns the summary that rank 0 writes to summary.json.
+
+    Resumes from RUN_DIR/checkpoints/latest unless `train.resume` is false. A stop signal
+    ends with a checkpoint and `{"stopped": True, ...}`, without summary.json.
+    """
     env = init_distributed(cfg.train.device)
-    run_dir = cfg.run_dir
-    is_main = env.rank == 0
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.json")
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    schema = Schema.load(cfg.data.path)
-    columns = Columns.resolve(schema, [t.label for t in cfg.tasks.values()], cfg.data.dense,
-                              cfg.data.categorical, where=str(Path(cfg.data.path) / "schema.json"))
+    run_dir, is_main = cfg.run_dir, env.rank == 0
+    columns = resolve_columns(cfg)
     train_data, eval_data = _datasets(cfg, env, columns)
     dmp, optimizer, plan = build(cfg, env, columns)
+    stop = StopSignal()
+    resume_from = checkpoint.latest(run_dir) if cfg.train.resume else None
+    step, position = 0, Position()
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, dmp, optimizer)
+        step, position = state["step"], Position.from_state_dict(state["position"])
     if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (run_dir / "summary.json").unlink(missing_ok=True)
+        else:
+            print(f"resuming from {resume_from} (step {step})")
+        save_config(cfg, run_dir / "config.json")
         (run_dir / "plan.txt").write_text(str(plan) + "\n")
     pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
-    logger = Logger(run_dir, is_main)
+    log = RunLog(run_dir, is_main, cfg.train.tensorboard)
     tasks = list(cfg.tasks)
     train_metrics = TrainMetrics(tasks, env.device)
+    group_mean = (lambda t: t) if env.world_size == 1 else \
+        (lambda t: (dist.all_reduce(t), t / env.world_size)[1])
 
+    # steps still to run on this world size (a resume may change it)
     steps_per_epoch = len(train_data)
-    total = steps_per_epoch * cfg.train.epochs
+    train_data.set_position(position)
+    total = step + len(train_data) + steps_per_epoch * (cfg.train.epochs - position.epoch - 1)
+    if position.epoch >= cfg.train.epochs:
+        total = step
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
     global_batch = cfg.data.batch_size * env.world_size
-    bar = tqdm(total=total, disable=not is_main, unit="step", dynamic_ncols=True)
-    step, train_time, samples = 0, 0.0, 0
-    eval_result: dict[str, float] = {}
-    for epoch in itertools.count():
-        if step >= total:
-            break
-        train_data.set_position(Position(epoch))
+    bar = tqdm(total=total, initial=step, disable=not is_main, unit="step", dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    train_time, samples, eval_result, last_log, stopped = 0.0, 0, {}, {}, False
+    while step < total and not stopped:
+        train_data.set_position(position)
+        epoch_spans = position.remaining or [(0, train_data.total_rows)]
+        epoch_steps = 0
         batches = iter_batches(train_data, cfg.data.num_workers, env.device.type == "cuda")
         while step < total:
-            # a segment ends at the next evaluation or the end; the pipeline drains there
-            every = cfg.train.eval_every or total
-            end = min(total, (step // every + 1) * every)
-            start_time, start_step = time.perf_counter(), step
-            for losses, _, _, _ in run_pipeline(pipeline, itertools.islice(batches, end - step)):
-                train_metrics.update(losses)
+            end = _next_boundary(step, total, cfg.train.eval_every, cfg.train.checkpoint_every)
+            feed = Feed(batches, end - step)
+            _seed_segment(cfg, env, step)
+            start_time, start_step, log_time = time.perf_counter(), step, time.perf_counter()
+            for out in run_pipeline(pipeline, feed):
+                if cfg.train.gate_stats:
+                    train_metrics.update(out.losses, out.gates)
+                else:
+                    train_metrics.update(out.losses, None)
                 step += 1
                 bar.update()
                 if step % cfg.train.log_every == 0:
-                    record = _all_mean(train_metrics.read(), env)
-                    rate = (step - start_step) * global_batch / (time.perf_counter() - start_time)
-                    record.update(step=step, epoch=epoch, samples_per_sec=rate)
-                    logger.write(record)
+                    now = time.perf_counter()
+                    rate = cfg.train.log_every * global_batch / (now - log_time)
+                    record = {"epoch": position.epoch, "samples_per_sec": rate,
+                              "step_time_ms": 1000 * (now - log_time) / cfg.train.log_every,
+                              **train_metrics.read(group_mean)}
+                    if env.device.type == "cuda":
+                        record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+                    log.write(step, record)
+                    last_log, log_time = record, now
                     bar.set_postfix(loss=f"{sum(record[f'train/{t}/loss'] for t in tasks):.4f}",
                                     samples_s=f"{rate:,.0f}")
-            if step == start_step:  # the epoch's data ran out
-                break
+                    if stop.agreed(env):
+                        feed.stop()  # the pipeline finishes the batches it holds, then drains
+            epoch_steps += step - start_step
             train_time += time.perf_counter() - start_time
             samples += (step - start_step) * global_batch
-            if step % every == 0 or step == total:
+            remaining = consume(epoch_spans, env.world_size, epoch_steps * cfg.data.batch_size)
+            position = Position(position.epoch + 1) if feed.exhausted or span_rows(remaining) < env.world_size \
+                else Position(position.epoch, remaining)
+            stopped = feed.stopped
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not stopped or step == total:
                 eval_result = evaluate(pipeline, dmp, eval_data, cfg, env)
-                logger.write({"step": step, "epoch": epoch, **eval_result})
+                log.write(step, {"epoch": position.epoch, **eval_result})
                 if is_main:
-                    bar.write(" ".join(f"{k}={v:.4f}" for k, v in eval_result.items()
-                                       if k.endswith(("auc", "logloss", "rmse"))))
+                    bar.write(f"step {step}: " + " ".join(
+                        f"{k}={v:.4f}" for k, v in eval_result.items() if k.endswith(("auc", "logloss", "rmse"))))
+            if stopped or step == total or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+                checkpoint.save(run_dir, step, dmp, optimizer,
+                                {"step": step, "position": position.state_dict(), "world_size": env.world_size},
+                                {"config.json": json.dumps(cfg.to_dict(), indent=2), "plan.txt": str(plan)},
+                                cfg.train.keep_checkpoints)
+            if stopped or position.remaining is None:
+                break  # a new epoch (or the stop): new batches
     bar.close()
+    log.close()
     summary = {
         "config": cfg.name,
         "tasks": {t: {k.split("/")[2]: v for k, v in eval_result.items() if k.startswith(f"eval/{t}/")}
@@ -222,12 +300,15 @@ def train(cfg: Config) -> dict:
         "mean_auc": eval_result.get("eval/mean_auc"),
         "eval_rows": eval_result.get("eval/rows"),
         "skipped_rows": eval_result.get("eval/skipped_rows"),
+        "gates": {t: [v for k, v in sorted(last_log.items()) if k.startswith(f"train/{t}/gate_e")]
+                  for t in tasks} if any("/gate_e" in k for k in last_log) else None,
         "samples_per_sec": samples / train_time if train_time else 0.0,
         "world_size": env.world_size,
-        "device": str(env.device.type),
+        "device": env.device.type,
         "steps": step,
         "epochs": cfg.train.epochs,
+        "stopped": stopped,
     }
-    if is_main:
+    if is_main and not stopped:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -100,9 +100,11 @@ def worker(rank: int, world: int, port: int, data: str, sharding: str, result: d
 
     dmp.train()
     optimizer.zero_grad()
-    loss, (_, preds, _, _) = dmp(mine)
+    loss, out = dmp(mine)
+    preds = out.preds
     loss.backward()
-    ref_loss, (_, ref_preds, _, _) = ref(full)
+    ref_loss, ref_out = ref(full)
+    ref_preds = ref_out.preds
     ref_loss.backward()
     torch.testing.assert_close(preds, ref_preds[lo:hi], rtol=1e-5, atol=1e-6)
 

@@ -1,0 +1,149 @@
+"""Checkpoints: exact resume, resharded resume, crash during a save, SIGKILL under torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import free_port
+
+PY = sys.executable
+
+
+def mmoe(*args, ranks: int = 1, check: bool = True, extra_env: dict | None = None):
+    """Runs `python -m app ...` alone or under torchrun with `ranks` gloo processes."""
+    launcher = [PY, "-m", "app"] if ranks == 1 else [
+        PY, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+        "--master-port", str(free_port()), "-m", "app"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(extra_env or {})}
+    proc = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def train_args(data, run_dir, *more):
+    return ["train", "--config", "configs/debug.toml", "--data.path", data, "--train.run_dir", run_dir,
+            "--train.log_every", "5", "--train.tensorboard", "false", *more]
+
+
+def scores(path) -> torch.Tensor:
+    table = pq.read_table(path)
+    return torch.tensor([table.column(c).to_pylist() for c in table.column_names])
+
+
+def test_stop_and_resume_equals_straight_run(tiny_data, tmp_path):
+    common = ["--train.checkpoint_every", "10", "--model.dropout", "0.1", "--data.batch_size", "128"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    mmoe(*train_args(tiny_data, straight, *common, "--train.max_steps", "40"))
+    first = mmoe(*train_args(tiny_data, resumed, *common, "--train.max_steps", "20"))
+    assert "resuming" not in first.stdout
+    second = mmoe(*train_args(tiny_data, resumed, *common, "--train.max_steps", "40"))
+    assert "resuming from" in second.stdout and "(step 20)" in second.stdout
+    a = json.loads((straight / "summary.json").read_text())
+    b = json.loads((resumed / "summary.json").read_text())
+    assert a["steps"] == b["steps"] == 40
+    assert a["tasks"] == b["tasks"], "resumed metrics differ from the straight run's"
+    for run in (straight, resumed):
+        mmoe("predict", "--checkpoint", run, "--out", run / "pred", "--merge")
+    assert torch.equal(scores(straight / "pred/predictions.parquet"),
+                       scores(resumed / "pred/predictions.parquet")), "weights differ bitwise"
+
+
+@pytest.mark.parametrize("saved,loaded,sharding", [(2, 1, "table_wise"), (1, 2, "column_wise")])
+def test_resume_on_another_world_size_and_plan(tiny_data, tmp_path, saved, loaded, sharding):
+    run = tmp_path / "run"
+    mmoe(*train_args(tiny_data, run, "--train.max_steps", "10", "--plan.sharding_types", "['table_wise']"),
+         ranks=saved)
+    mmoe("predict", "--checkpoint", run, "--out", tmp_path / "a", "--merge", ranks=saved)
+    mmoe("predict", "--checkpoint", run, "--out", tmp_path / "b", "--merge",
+         "--plan.sharding_types", f"['{sharding}']", ranks=loaded)
+    a, b = scores(tmp_path / "a/predictions.parquet"), scores(tmp_path / "b/predictions.parquet")
+    assert a.shape == b.shape and a.shape[1] == 1000
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # and training continues from it on the new world size
+    mmoe(*train_args(tiny_data, run, "--train.max_steps", "14", "--plan.sharding_types", f"['{sharding}']"),
+         ranks=loaded)
+    assert json.loads((run / "summary.json").read_text())["world_size"] == loaded
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_interrupted_save_leaves_latest_on_the_previous_one(tmp_path, one_rank_group, monkeypatch):
+    from app import checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    checkpoint.save(tmp_path, 5, model, optimizer, {"step": 5}, {"config.json": "{}"}, keep=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def crash(state, checkpoint_id):  # writes part of the files, then the process "dies"
+        (tmp_path / "checkpoints/.step_9.tmp/__0_0.distcp").write_bytes(b"partial")
+        raise RuntimeError("killed mid-save")
+
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    monkeypatch.setattr(checkpoint.dcp, "save", crash)
+    with pytest.raises(RuntimeError, match="killed mid-save"):
+        checkpoint.save(tmp_path, 9, model, optimizer, {"step": 9}, {}, keep=3)
+    monkeypatch.undo()
+    assert checkpoint.latest(tmp_path) == tmp_path / "checkpoints/step_5"
+    state = checkpoint.load(checkpoint.latest(tmp_path), model, optimizer)
+    assert state == {"step": 5}
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_keeps_the_newest_checkpoints(tmp_path, one_rank_group):
+    from app import checkpoint
+
+    model = torch.nn.Linear(2, 1)
+    for step in range(1, 6):
+        checkpoint.save(tmp_path, step, model, None, {"step": step}, {}, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_4", "step_5"]
+    assert checkpoint.latest(tmp_path).name == "step_5"
+
+
+def test_sigkill_under_torchrun_restarts_from_checkpoint(tiny_data, tmp_path):
+    common = ["--train.checkpoint_every", "5", "--data.batch_size", "64", "--train.epochs", "3"]
+    mmoe(*train_args(tiny_data, tmp_path / "clean", *common), ranks=2)
+    run = tmp_path / "killed"
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "2",
+           "--master-port", str(free_port()), "-m", "app",
+           *map(str, train_args(tiny_data, run, *common))]
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    kill_at = random.Random().randint(12, 60)
+    deadline, killed = time.time() + 120, None
+    while killed is None and time.time() < deadline and agent.poll() is None:
+        log = run / "metrics.jsonl"
+        steps = [json.loads(line)["step"] for line in log.read_text().splitlines()] if log.exists() else []
+        if steps and max(steps) >= kill_at:
+            workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True)
+            victim = int(random.choice(workers.stdout.split()))
+            os.kill(victim, signal.SIGKILL)
+            killed = (victim, max(steps))
+        time.sleep(0.05)
+    output, _ = agent.communicate(timeout=300)
+    assert killed, f"the run ended before step {kill_at}:\n{output[-3000:]}"
+    assert agent.returncode == 0, output[-3000:]
+    assert "resuming from" in output
+    clean = json.loads((tmp_path / "clean/summary.json").read_text())
+    after = json.loads((run / "summary.json").read_text())
+    assert after["steps"] == clean["steps"]
+    assert after["tasks"] == clean["tasks"], f"killed at step {killed[1]}: metrics differ"
