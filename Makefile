@@ -43,6 +43,11 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -q -m slow $(ARGS)
 
+# make plan GPUS=N [CONFIG=...] [ARGS="--cardinality 1000000 --hbm 80GiB --out plan.json"]:
+# the sharding planner's dry run for N ranks (GPUS=0: one), on any machine; see `mmoe plan --help`
+plan: venv
+	$(PY) -m app plan --config $(CONFIG) --world-size $(if $(filter 0,$(GPUS)),1,$(GPUS)) $(ARGS)
+
 clean:
 	rm -rf runs
 

@@ -31,8 +31,13 @@ def train(argv: list[str]) -> None:
     from app.config import load_config
     from app.train import train as run
 
-    summary = run(load_config(args.config, overrides))
+    cfg = load_config(args.config, overrides)
+    summary = run(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
+        if summary["stopped"]:
+            print(f"stopped at step {summary['steps']} on a signal; checkpoint in "
+                  f"{cfg.run_dir}/checkpoints, run again to resume")
+            return
         tasks = ", ".join(f"{t} " + " ".join(f"{k}={v:.4f}" for k, v in m.items()
                                             if k in ("auc", "logloss", "rmse"))
                           for t, m in summary["tasks"].items())

@@ -45,6 +45,7 @@ class ModelConfig:
     tower_layers: list[int] = field(default_factory=lambda: [128, 64])
     dropout: float = 0.0
     activation: str = "relu"  # "relu", "gelu" or "silu"
+    precision: str = "fp32"  # "bf16": autocast the dense head and towers (fp32 master weights)
 
 
 @dataclass
@@ -226,6 +227,7 @@ def validate(cfg: Config) -> None:
     choices = {
         "model.head": (cfg.model.head, ("mmoe", "shared_bottom")),
         "model.activation": (cfg.model.activation, ("relu", "gelu", "silu")),
+        "model.precision": (cfg.model.precision, ("fp32", "bf16")),
         "optim.dense": (cfg.optim.dense, ("adam", "sgd")),
         "optim.sparse": (cfg.optim.sparse, ("adagrad", "rowwise_adagrad", "sgd", "adam")),
         "data.on_bad_rows": (cfg.data.on_bad_rows, ("error", "skip")),

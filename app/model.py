@@ -14,9 +14,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from app.config import ModelConfig, TaskConfig
 from app.data import Batch, Columns
-
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
-
+from app.heads import HEADS, BatchedMLP
 
 class Outputs(NamedTuple):
     """What a step returns besides the loss; all detached, still on the device."""
@@ -57,77 +55,6 @@ class SparseArch(nn.Module):
         return torch.cat([pooled[f] for f in self.features], dim=1)  # [B, F*d]
 
 
-def mlp(sizes: list[int], activation: str, dropout: float) -> nn.Sequential:
-    """Linear -> activation -> dropout for each consecutive pair of sizes."""
-    layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
-        if dropout:
-            layers.append(nn.Dropout(dropout))
-    return nn.Sequential(*layers)
-
-
-class Experts(nn.Module):
-    """E expert MLPs evaluated together: one batched matmul per layer. [B, in] -> [E, B, out]."""
-
-    def __init__(self, num_experts: int, sizes: list[int], activation: str, dropout: float):
-        super().__init__()
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        for a, b in zip(sizes[:-1], sizes[1:]):
-            w = torch.empty(num_experts, a, b)
-            for e in range(num_experts):  # the same init as nn.Linear, one expert at a time
-                nn.init.kaiming_uniform_(w[e].T, a=5 ** 0.5)
-            self.weights.append(nn.Parameter(w))
-            self.biases.append(nn.Parameter(torch.empty(num_experts, 1, b).uniform_(-a ** -0.5, a ** -0.5)))
-        self.act = ACTIVATIONS[activation]()
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.unsqueeze(0).expand(self.weights[0].shape[0], -1, -1)  # [E, B, in]
-        for w, b in zip(self.weights, self.biases):
-            h = self.dropout(self.act(torch.baddbmm(b, h, w)))
-        return h
-
-
-class MMoE(nn.Module):
-    """Multi-gate mixture of experts: one softmax gate per task.
-
-    [B, in] -> ([B, T, out], gate weights [B, T, E]).
-    """
-
-    def __init__(self, in_dim: int, num_tasks: int, cfg: ModelConfig):
-        super().__init__()
-        self.num_tasks, self.num_experts = num_tasks, cfg.num_experts
-        self.experts = Experts(cfg.num_experts, [in_dim, *cfg.expert_layers], cfg.activation, cfg.dropout)
-        self.gates = nn.Linear(in_dim, num_tasks * cfg.num_experts)  # all tasks' gates in one matmul
-        self.out_dim = cfg.expert_layers[-1]
-
-    def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, E], each row sums to 1."""
-        return self.gates(x).view(-1, self.num_tasks, self.num_experts).softmax(dim=-1)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gates = self.gate_weights(x)
-        return torch.einsum("bte,ebh->bth", gates, self.experts(x)), gates
-
-
-class SharedBottom(nn.Module):
-    """One MLP shared by all tasks. [B, in] -> ([B, T, out], None: no gates)."""
-
-    def __init__(self, in_dim: int, num_tasks: int, cfg: ModelConfig):
-        super().__init__()
-        self.num_tasks = num_tasks
-        self.bottom = mlp([in_dim, *cfg.expert_layers], cfg.activation, cfg.dropout)
-        self.out_dim = cfg.expert_layers[-1]
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.bottom(x).unsqueeze(1).expand(-1, self.num_tasks, -1), None
-
-
-HEADS = {"mmoe": MMoE, "shared_bottom": SharedBottom}
-
-
 class MultiTaskModel(nn.Module):
     """(dense [B, D], KJT) -> (logits [B, T], gate weights [B, T, E] or None).
 
@@ -141,17 +68,18 @@ class MultiTaskModel(nn.Module):
         self.sparse = SparseArch(columns, cfg.embedding_dim)
         in_dim = len(columns.categorical) * cfg.embedding_dim + len(columns.dense)
         self.head = HEADS[cfg.head](in_dim, len(tasks), cfg).to(device)
-        self.towers = nn.ModuleDict({
-            name: nn.Sequential(mlp([self.head.out_dim, *cfg.tower_layers], cfg.activation, cfg.dropout),
-                                nn.Linear(([self.head.out_dim, *cfg.tower_layers])[-1], 1))
-            for name in tasks
-        }).to(device)
+        # all towers in one batched MLP: tower t is slice t of each weight, in config order
+        self.towers = BatchedMLP(len(tasks), [self.head.out_dim, *cfg.tower_layers, 1], cfg.activation,
+                                 cfg.dropout, last_activation=False).to(device)
+        self.autocast = cfg.precision == "bf16"
+        self.device_type = torch.device(device).type  # a str, not read off a traced tensor
 
-    def forward(self, dense: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
+    def forward(self, dense: torch.Tensor, features: KeyedJaggedTensor):
         x = torch.cat([self.sparse(features), dense], dim=1)
-        h, gates = self.head(x)  # [B, T, H]
-        logits = torch.cat([tower(h[:, t]) for t, tower in enumerate(self.towers.values())], dim=1)
-        return logits, gates
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
+            h, gates = self.head(x)  # [B, T, H]
+            logits = self.towers(h.transpose(0, 1)).squeeze(2).T  # [T, B, 1] -> [B, T]
+        return logits.float(), gates if gates is None else gates.float()
 
 
 class MultiTaskTrain(nn.Module):
@@ -172,7 +100,6 @@ class MultiTaskTrain(nn.Module):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, Outputs]:
         logits, gates = self.model(batch.dense, batch.sparse_features)
-        logits = logits.float()
         bce = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
         mse = (logits - batch.labels) ** 2
         per_row = torch.where(self.binary, bce, mse)  # [B, T]

@@ -27,6 +27,7 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.proposers import GreedyProposer, UniformProposer
 from torchrec.distributed.planner.types import (
     ParameterConstraints,
     Perf,
@@ -34,6 +35,7 @@ from torchrec.distributed.planner.types import (
     ShardingOption,
     Stats,
     Storage,
+    StorageReservation,
 )
 from torchrec.distributed.planner.utils import placement
 from torchrec.distributed.types import (
@@ -63,11 +65,14 @@ except ImportError:  # pragma: no cover
 
 SHARDING_TYPES = [t.value for t in ShardingType]
 COMPUTE_KERNELS = [k.value for k in EmbeddingComputeKernel]
-# Above this many ranks the default search leaves out row_wise and data_parallel: their
-# options hold a shard on every rank, so estimating and partitioning them grows with the
-# world size (minutes at 1024 ranks), and at that scale table_row_wise (row-wise inside a
-# host, table-wise across hosts) beats them for all but tiny tables. Listing them in
-# plan.sharding_types or plan.tables.<column>.sharding_types brings them back.
+# Above this many ranks the search is smaller, so that planning 1024 ranks takes seconds, not
+# minutes: (1) row_wise and data_parallel are left out unless plan.sharding_types or
+# plan.tables.<column>.sharding_types lists them: their options hold a shard on every rank,
+# so estimating and partitioning them grows with the world size, and at that scale
+# table_row_wise (row-wise inside a host, table-wise across hosts) beats them for all but
+# tiny tables; (2) two proposers instead of four: the greedy one that searches by depth and
+# the uniform one (the grid search is skipped at this size anyway, and the other greedy
+# one found no better plan for the Criteo shapes at 256 and 1024 ranks).
 FULL_SEARCH_MAX_RANKS = 128
 LARGE_WORLD_SHARDING_TYPES = [ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value,
                               ShardingType.TABLE_COLUMN_WISE.value, ShardingType.TABLE_ROW_WISE.value]
@@ -92,7 +97,20 @@ def _check_names(values: list[str], allowed: list[str], key: str) -> None:
             raise ConfigError(f"{key}: {v!r} is not one of {', '.join(allowed)}")
 
 
-def constraints(cfg: PlanConfig, tables: list[str], world_size: int) -> dict[str, ParameterConstraints]:
+def _check_choices(key: str, types: list[str], kernels: list[str], device: str) -> None:
+    """Fails early (not inside the planner, on rank 0 only) when nothing allowed runs on `device`."""
+    sharder = sharders()[0]
+    usable = [t for t in types or sharder.sharding_types(device) if t in sharder.sharding_types(device)]
+    if not any(not kernels or set(kernels) & set(sharder.compute_kernels(t, device)) for t in usable):
+        choices = "; ".join(f"{t}: {', '.join(sharder.compute_kernels(t, device))}"
+                            for t in sharder.sharding_types(device))
+        raise ConfigError(f"{key}: no allowed sharding type and compute kernel runs on {device} "
+                          f"(sharding types {types or 'any'}, kernels {kernels or 'any'}); "
+                          f"on {device} the choices are {choices}")
+
+
+def constraints(cfg: PlanConfig, tables: list[str], world_size: int,
+                compute_device: str = "cuda") -> dict[str, ParameterConstraints]:
     """Per-table planner constraints: plan.tables.<column> over the global lists over defaults."""
     _check_names(cfg.sharding_types, SHARDING_TYPES, "plan.sharding_types")
     _check_names(cfg.compute_kernels, COMPUTE_KERNELS, "plan.compute_kernels")
@@ -115,10 +133,13 @@ def constraints(cfg: PlanConfig, tables: list[str], world_size: int) -> dict[str
                                            if world_size > FULL_SEARCH_MAX_RANKS else [])
     out = {}
     for table in tables:
-        t = by_table.get(table, (None, None))[1]
+        column, t = by_table.get(table, (None, None))
+        types = (t and t.sharding_types) or default_types
+        kernels = (t and t.compute_kernels) or cfg.compute_kernels
+        _check_choices(f"plan.tables.{column}" if t else "plan", types, kernels, compute_device)
         out[table] = ParameterConstraints(
-            sharding_types=(t and t.sharding_types) or default_types or None,
-            compute_kernels=(t and t.compute_kernels) or cfg.compute_kernels or None,
+            sharding_types=types or None,
+            compute_kernels=kernels or None,
             **({"pooling_factors": [t.pooling_factor]} if t and t.pooling_factor else {}),
             **({"cache_params": CacheParams(load_factor=t.cache_load_factor)}
                if t and t.cache_load_factor else {}),
@@ -126,7 +147,7 @@ def constraints(cfg: PlanConfig, tables: list[str], world_size: int) -> dict[str
     return out
 
 
-def storage_reservation(cfg: PlanConfig):
+def storage_reservation(cfg: PlanConfig) -> StorageReservation:
     if not 0 <= cfg.storage_reservation < 1:
         raise ConfigError(f"plan.storage_reservation is {cfg.storage_reservation}; use a share of "
                           "each rank's memory in [0, 1), e.g. 0.15")
@@ -143,9 +164,12 @@ def make_topology(world_size: int, compute_device: str, local_world_size: int | 
 def make_planner(cfg: PlanConfig, tables: list[str], topology: Topology, batch_size: int,
                  stats: list[Stats] | None = None) -> EmbeddingShardingPlanner:
     """`batch_size` is per rank; `stats` None keeps TorchRec's (verbose) stats log."""
+    large = topology.world_size > FULL_SEARCH_MAX_RANKS
     return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size,
+                                    proposer=[GreedyProposer(), UniformProposer()] if large else None,
                                     storage_reservation=storage_reservation(cfg),
-                                    constraints=constraints(cfg, tables, topology.world_size),
+                                    constraints=constraints(cfg, tables, topology.world_size,
+                                                            topology.compute_device),
                                     stats=stats)
 
 
@@ -221,25 +245,17 @@ def plan_to_dict(plan: RunPlan) -> dict[str, Any]:
             "batch_size_per_rank": plan.batch_size, "modules": modules}
 
 
-def _is_flat(value: Any) -> bool:
-    """Lists of scalars and short records go on one line."""
+def _format(value: Any, depth: int = 0, in_list: bool = False) -> str:
+    """JSON with lists of scalars, and records inside lists (shards), on one line each."""
     scalar = lambda v: not isinstance(v, (dict, list))  # noqa: E731
-    if isinstance(value, list):
-        return all(scalar(v) for v in value)
-    if isinstance(value, dict):
-        return all(scalar(v) or (isinstance(v, list) and all(map(scalar, v))) for v in value.values()) \
-            and len(json.dumps(value)) <= 100
-    return True
-
-
-def _format(value: Any, depth: int = 0) -> str:
-    if _is_flat(value):
+    record = isinstance(value, dict) and all(scalar(v) or isinstance(v, list) for v in value.values())
+    if scalar(value) or isinstance(value, list) and all(map(scalar, value)) or in_list and record:
         return json.dumps(value)
     inner, pad = "  " * (depth + 1), "  " * depth
     if isinstance(value, dict):
         items = [f"{inner}{json.dumps(k)}: {_format(v, depth + 1)}" for k, v in value.items()]
         return "{\n" + ",\n".join(items) + f"\n{pad}}}"
-    return "[\n" + ",\n".join(f"{inner}{_format(v, depth + 1)}" for v in value) + f"\n{pad}]"
+    return "[\n" + ",\n".join(f"{inner}{_format(v, depth + 1, True)}" for v in value) + f"\n{pad}]"
 
 
 def save_plan(plan: RunPlan, path: str | Path) -> None:
@@ -280,7 +296,8 @@ def _table_sharding(entry: dict, compute_device: str, world_size: int, local_wor
     spec = None
     if sharding_type == ShardingType.DATA_PARALLEL.value:
         if sorted(ranks) != list(range(world_size)):
-            raise PlanError(f"{where}: data_parallel puts a replica on every rank; ranks must be 0..{world_size - 1}")
+            raise PlanError(f"{where}: data_parallel puts a replica on every rank; "
+                            f"ranks must be 0..{world_size - 1}")
     else:
         shards = []
         for i, s in enumerate(_get(entry, "shards", list, where)):
@@ -356,7 +373,8 @@ def check_plan(plan: RunPlan, model: nn.Module, world_size: int, compute_device:
     if plan.world_size != world_size:
         problems.append(f"it was made for world size {plan.world_size}, this run has {world_size} ranks")
     if plan.compute_device != compute_device:
-        problems.append(f"it was made for compute device {plan.compute_device!r}, this run uses {compute_device!r}")
+        problems.append(f"it was made for compute device {plan.compute_device!r}, "
+                        f"this run uses {compute_device!r}")
     model_shapes = table_shapes(model)
     for path in sorted(model_shapes.keys() | plan.tables.keys()):
         mine, theirs = model_shapes.get(path, {}), plan.tables.get(path, {})
@@ -371,7 +389,8 @@ def check_plan(plan: RunPlan, model: nn.Module, world_size: int, compute_device:
     if problems:
         raise PlanError(f"plan file {where} does not fit this run: " + "; ".join(problems)
                         + f". Make a new plan (`mmoe plan --world-size {world_size} --compute-device "
-                        f"{compute_device} --config ... --out {where}`) or unset plan.file to plan at start-up")
+                        f"{compute_device} --config ... --out {where}`), "
+                        "or plan at start-up with --plan.file ''")
 
 
 # ---------------------------------------------------------------------------------------
@@ -386,9 +405,10 @@ class _KeepBestPlan(Stats):
         self.num_proposals = self.num_plans = 0
         self.available: Storage | None = None  # per rank, after the storage reservation
 
-    def log(self, sharding_plan, topology, batch_size, storage_reservation, num_proposals, num_plans,
-            run_time, best_plan, **_: Any) -> None:
-        self.best_plan, self.num_proposals, self.num_plans = best_plan, num_proposals, num_plans
+    def log(self, best_plan: list[ShardingOption] | None = None, num_proposals: int = 0,
+            num_plans: int = 0, storage_reservation: StorageReservation | None = None, **_: Any) -> None:
+        # keyword arguments only, some of them absent in older releases
+        self.best_plan, self.num_proposals, self.num_plans = best_plan or [], num_proposals, num_plans
         reserved = getattr(storage_reservation, "last_reserved_topology", None)
         self.available = reserved.devices[0].storage if reserved is not None else None
 
@@ -437,13 +457,14 @@ def dry_run(cfg: PlanConfig, model: nn.Module, topology: Topology, batch_size: i
 
 
 def _max_shard(option: ShardingOption) -> Storage:
-    return Storage(hbm=max(s.storage.hbm for s in option.shards), ddr=max(s.storage.ddr for s in option.shards))
+    return Storage(hbm=max(s.storage.hbm for s in option.shards),
+                   ddr=max(s.storage.ddr for s in option.shards))
 
 
 def _explain_no_fit(cfg: PlanConfig, model: nn.Module, tables: list[str], topology: Topology,
                     batch_size: int, error: PlannerError) -> str:
     """Names the tables that fit no rank in any allowed sharding, and by how much."""
-    cons = constraints(cfg, tables, topology.world_size)
+    cons = constraints(cfg, tables, topology.world_size, topology.compute_device)
     options = EmbeddingEnumerator(topology=topology, batch_size=batch_size,
                                   constraints=cons).enumerate(model, sharders())
     reserved = storage_reservation(cfg).reserve(topology, batch_size, model, sharders(), cons)
@@ -452,7 +473,8 @@ def _explain_no_fit(cfg: PlanConfig, model: nn.Module, tables: list[str], topolo
     shapes = {o.name: tuple(o.tensor.shape) for o in options}
     smallest: dict[str, ShardingOption] = {}
     for o in options:  # per table, the option whose largest shard needs the least memory
-        if o.name not in smallest or getattr(_max_shard(o), tier) < getattr(_max_shard(smallest[o.name]), tier):
+        best = smallest.get(o.name)
+        if best is None or getattr(_max_shard(o), tier) < getattr(_max_shard(best), tier):
             smallest[o.name] = o
     lines = [str(error).strip().splitlines()[0].strip()]
     what = f"{tier.upper()} after the {cfg.storage_reservation:.0%} reservation"
@@ -463,10 +485,11 @@ def _explain_no_fit(cfg: PlanConfig, model: nn.Module, tables: list[str], topolo
             continue
         rows, dim = shapes[name]
         culprits.append(_column(name))
+        need, have = getattr(need, tier), getattr(cap, tier)
         lines.append(f"table {name} ({rows:,} x {dim}, {fmt_bytes(rows * dim * 4)} of fp32 weights) needs "
-                     f"at least {fmt_bytes(getattr(need, tier))} on one rank in any allowed sharding "
-                     f"(smallest: {o.sharding_type}/{o.compute_kernel}), but a rank has "
-                     f"{fmt_bytes(getattr(cap, tier))} of {what}: {fmt_bytes(getattr(need, tier) - getattr(cap, tier))} short")
+                     f"at least {fmt_bytes(need)} on one rank in any allowed sharding (smallest: "
+                     f"{o.sharding_type}/{o.compute_kernel}), but a rank has {fmt_bytes(have)} of {what}: "
+                     f"{fmt_bytes(need - have)} short")
     if not culprits:
         largest = max(shapes, key=lambda n: shapes[n][0] * shapes[n][1])
         total = sum(min(getattr(_total(o), tier) for o in options if o.name == n) for n in smallest)
@@ -476,7 +499,7 @@ def _explain_no_fit(cfg: PlanConfig, model: nn.Module, tables: list[str], topolo
                      f"least {fmt_bytes(total)} against {fmt_bytes(getattr(cap, tier) * topology.world_size)} "
                      f"on {topology.world_size} ranks")
     column = culprits[0] if culprits else "<column>"
-    if culprits and smallest[table_name(column)].compute_kernel == EmbeddingComputeKernel.FUSED_UVM_CACHING.value:
+    if culprits and smallest[table_name(column)].compute_kernel == "fused_uvm_caching":
         lines.append(f"{table_name(column)} already caches rows in HBM: a smaller plan.tables.{column}."
                      "cache_load_factor (the share of rows cached; 0.2 by default) needs less")
     lines.append(f"fixes: more ranks (--world-size), more memory per rank (--hbm/--ddr), a smaller "
@@ -544,8 +567,8 @@ def _shard_summary(option: ShardingOption) -> str:
 
 def _table(rows: list[list[str]], right: set[int]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-            for r in rows]
+    return ["  ".join(c.rjust(w) if i in right else c.ljust(w)
+                      for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
 
 
 def report(run: DryRun, max_groups: int = 12) -> str:
@@ -557,10 +580,12 @@ def report(run: DryRun, max_groups: int = 12) -> str:
            f"rows per rank)",
            f"planner: {run.num_proposals} proposals, {run.num_plans} plans, {run.seconds:.1f} s"
            + ("" if ws <= FULL_SEARCH_MAX_RANKS else
-              f"; above {FULL_SEARCH_MAX_RANKS} ranks row_wise and data_parallel are only searched "
-              "where plan.sharding_types or plan.tables.<column>.sharding_types lists them"), ""]
-    rows = [["table", "rows x dim", "sharding", "kernel", "ranks", "shards", "HBM", "DDR", "est ms"]]
-    for o in sorted(run.options, key=lambda o: o.name):
+              f"; above {FULL_SEARCH_MAX_RANKS} ranks the search is smaller (app/plan.py): row_wise and "
+              "data_parallel only where plan.sharding_types or plan.tables.<column>.sharding_types "
+              "lists them"), ""]
+    rows = [["table", "rows x dim", "sharding", "kernel", "ranks", "shards", "HBM", "DDR", "ms (shards)"]]
+    natural = lambda o: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", o.name)]  # noqa: E731
+    for o in sorted(run.options, key=natural):
         total = _total(o)
         r, d = o.tensor.shape
         rows.append([o.name, f"{r:,} x {d}", o.sharding_type, o.compute_kernel,
@@ -588,7 +613,7 @@ def report(run: DryRun, max_groups: int = 12) -> str:
         u, p = used[rs[0]], perf[rs[0]]
         rows.append([rank_ranges(rs), fmt_bytes(u.hbm) + pct(u.hbm, avail.hbm), fmt_bytes(avail.hbm),
                      fmt_bytes(u.ddr) + pct(u.ddr, avail.ddr), fmt_bytes(avail.ddr), f"{p.total:.3f}",
-                     f"{p.fwd_compute:.3f}", f"{p.fwd_comms:.3f}", f"{p.bwd_compute:.3f}", f"{p.bwd_comms:.3f}"])
+                     *(f"{x:.3f}" for x in (p.fwd_compute, p.fwd_comms, p.bwd_compute, p.bwd_comms))])
     out += _table(rows, set(range(1, 10)))
     if len(order) > max_groups:
         rest = [r for rs in order[max_groups:] for r in rs]
@@ -599,7 +624,8 @@ def report(run: DryRun, max_groups: int = 12) -> str:
     out += ["", f"estimated embedding time per step (planner's model; dense layers not included): "
                 f"{totals[critical]:.3f} ms on critical-path rank {critical}; mean over ranks {mean:.3f} ms"
                 + (f" (critical is {(totals[critical] / mean - 1):.0%} above)" if mean else ""),
-            f"peak per rank: HBM {fmt_bytes(max(u.hbm for u in used))}, DDR {fmt_bytes(max(u.ddr for u in used))}"]
+            f"peak per rank: HBM {fmt_bytes(max(u.hbm for u in used))}, "
+            f"DDR {fmt_bytes(max(u.ddr for u in used))}"]
     return "\n".join(out)
 
 
@@ -632,12 +658,16 @@ def planning_schema(data_path: str, labels: list[str], schema: str | None = None
                 named[key] = int(value)
             else:
                 sizes.append(int(value))
+        if not sizes:
+            raise ConfigError(f"--cardinality {cardinality!r}: give the row count of every column first, "
+                              "e.g. 100000,c3=100000000")
         if len(sizes) == 1:
             sizes *= CRITEO_CATEGORICAL
         categorical = {f"c{i}": n for i, n in enumerate(sizes)}
         for key, n in named.items():
             if key not in categorical:
-                raise ConfigError(f"--cardinality: there is no column {key!r}; columns are c0..c{len(sizes) - 1}")
+                raise ConfigError(f"--cardinality: there is no column {key!r}; "
+                                  f"columns are c0..c{len(sizes) - 1}")
             categorical[key] = n
         return Schema(labels=list(labels), dense=[f"d{i}" for i in range(CRITEO_DENSE)],
                       categorical=categorical), f"--cardinality {cardinality}"

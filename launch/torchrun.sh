@@ -11,6 +11,7 @@
 # Environment, with defaults:
 #   CONFIG            config file used when the arguments have no --config [the app's default]
 #   NNODES            number of nodes, or MIN:MAX for an elastic job [1]
+#   MIN_NODES, MAX_NODES  another way to write NNODES=MIN_NODES:MAX_NODES
 #   NODE_RANK         this node's rank; node 0 hosts the rendezvous store. Leave it unset for an
 #                     elastic job: ranks then go by arrival and the host is found by its address
 #   NPROC_PER_NODE    processes per node [the visible GPUs; 1 on a machine without GPUs]
@@ -48,10 +49,9 @@ PYTHON=${PYTHON:-$repo/.venv/bin/python}
 visible_gpus() {
   if [[ -n ${CUDA_VISIBLE_DEVICES+x} ]]; then
     # Slurm and containers narrow the GPUs through this list; "" or NoDevFiles means none
-    local list=${CUDA_VISIBLE_DEVICES//NoDevFiles/}
-    list=${list//,/ }
-    set -- $list
-    echo $#
+    local ids
+    IFS=, read -ra ids <<< "${CUDA_VISIBLE_DEVICES//NoDevFiles/}"
+    echo "${#ids[@]}"
   elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
     nvidia-smi -L | grep -c '^GPU'
   else
@@ -59,6 +59,9 @@ visible_gpus() {
   fi
 }
 
+if [[ -n ${MIN_NODES:-} && -n ${MAX_NODES:-} ]]; then
+  NNODES=$MIN_NODES:$MAX_NODES
+fi
 NNODES=${NNODES:-1}
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(visible_gpus)}
 ((NPROC_PER_NODE > 0)) || NPROC_PER_NODE=1
@@ -83,7 +86,7 @@ if [[ -n ${LOG_DIR:-} ]]; then
 fi
 
 nccl=$(env | grep -E '^(NCCL|GLOO)_' | sort | tr '\n' ' ' || true)
-echo "torchrun.sh: $(hostname -s) node ${NODE_RANK:-?} of $NNODES, $NPROC_PER_NODE processes," \
+echo "torchrun.sh: ${HOSTNAME%%.*} node ${NODE_RANK:-?} of $NNODES, $NPROC_PER_NODE processes," \
      "rendezvous $RDZV_ENDPOINT id $RUN_ID; $nccl" >&2
 
 AGENT_IGNORES=${AGENT_IGNORES-USR1}

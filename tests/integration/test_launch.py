@@ -46,9 +46,9 @@ def test_make_train_gpus_2_runs_two_gloo_ranks(tiny_data, tmp_path):
     if not shutil.which("make"):
         pytest.skip("make is not installed")
     run = tmp_path / "run"
-    args = shlex.join(_train_args(tiny_data, run))
-    plan = subprocess.run(["make", "-n", "-s", "train", "GPUS=2", "CONFIG=configs/debug.toml", f"ARGS={args}"],
-                          cwd=REPO, capture_output=True, text=True, check=True).stdout
+    args = shlex.join(_train_args(tiny_data, run)[2:])  # the config goes in CONFIG=
+    make = ["make", "-n", "-s", "train", "GPUS=2", "CONFIG=configs/debug.toml", f"ARGS={args}"]
+    plan = subprocess.run(make, cwd=REPO, capture_output=True, text=True, check=True).stdout
     (line,) = [ln for ln in plan.splitlines() if "torchrun" in ln]
     launcher, *rest = shlex.split(line)
     assert launcher.endswith("torchrun") and rest[:3] == ["--standalone", "--nproc-per-node", "2"], line
@@ -64,11 +64,13 @@ def test_torchrun_sh_two_nodes_on_one_machine(tiny_data, tmp_path):
     env = _cpu_env(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    RUN_ID=f"test-{port}", LOG_DIR=str(tmp_path / "logs"))
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
-    nodes = [subprocess.Popen([REPO / "launch/torchrun.sh", *_train_args(tiny_data, run)], cwd=REPO,
-                              env={**env, "NODE_RANK": str(rank)}, stdout=log.open("w"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
-             for rank, log in enumerate(logs)]
+    nodes = []
     try:
+        for rank, log in enumerate(logs):
+            with log.open("w") as out:
+                nodes.append(subprocess.Popen([REPO / "launch/torchrun.sh", *_train_args(tiny_data, run)],
+                                              cwd=REPO, env={**env, "NODE_RANK": str(rank)}, stdout=out,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
         codes = [node.wait(timeout=300) for node in nodes]
     finally:
         for node in nodes:
@@ -83,9 +85,6 @@ def test_torchrun_sh_two_nodes_on_one_machine(tiny_data, tmp_path):
 
 
 # --- a real single-node Slurm ---------------------------------------------------------------
-
-DAEMONS = ("munged", "slurmctld", "slurmd", "slurmstepd")
-
 
 def _apt_install() -> str | None:
     """Installs slurm-wlm and munge without starting their services; returns why not, or None."""
@@ -131,6 +130,7 @@ class Slurm:
         self.conf = root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.procs: list[subprocess.Popen] = []
+        self.outputs: list = []
         host = socket.gethostname().split(".")[0]
         try:
             socket.gethostbyname(host)
@@ -191,6 +191,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         ]
         for cmd in commands:
             out = (r / "log" / f"{cmd[0]}.out").open("w")
+            self.outputs.append(out)
             self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                                start_new_session=True))
             time.sleep(0.5)  # munged's socket before slurmctld, slurmctld before slurmd
@@ -241,18 +242,24 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
                     proc.kill()
                     proc.wait()
         # slurmstepd and job processes outlive slurmd; all of them carry this SLURM_CONF
-        for pid in _processes_with_env(f"SLURM_CONF={self.conf}"):
+        left = _processes_with_env(f"SLURM_CONF={self.conf}")
+        for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in left):
+            time.sleep(0.2)  # until they are reaped, so that none shows up after the tests
+        for out in self.outputs:
+            out.close()
 
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("bringing up Slurm needs root")
-    if not all(shutil.which(d) for d in DAEMONS[:3] + ("sbatch",)):
+    if not all(shutil.which(cmd) for cmd in ("munged", "slurmctld", "slurmd", "sbatch")):
         why = _apt_install()
         if why:
             pytest.skip(why)
@@ -312,3 +319,24 @@ def test_slurm_sbatch_checkpoints_on_usr1_requeues_and_resumes(slurm, tiny_data,
     assert resumed and 0 < int(resumed[1]) < steps, output
     summary = _summary(run)
     assert (summary["world_size"], summary["steps"]) == (2, steps), output
+
+
+@pytest.mark.slurm
+def test_slurm_scancel_checkpoints_and_does_not_requeue(slurm, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    job_id = _sbatch(slurm, tmp_path, tiny_data, run, 5000, "--train.epochs", "1000",
+                     "--train.log_every", "1", "--data.batch_size", "64")
+    metrics = run / "metrics.jsonl"
+    job = slurm.wait(job_id, timeout=180, until=lambda job: metrics.exists() and metrics.stat().st_size)
+    assert job["JobState"] == "RUNNING", _job_output(tmp_path, run, slurm)
+    slurm.run("scancel", job_id)  # TERM to every process of the job, then KILL after KillWait
+    # the job reads CANCELLED at once; the script decides once srun is back
+    script_out, deadline = tmp_path / f"slurm-{job_id}.out", time.monotonic() + 60
+    while "not requeued" not in script_out.read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(8)  # a requeued job would be eligible again by now (cred_expire=5) and start
+    job = slurm.job(job_id)
+    output = _job_output(tmp_path, run, slurm)
+    assert "stopped by SIGTERM" in script_out.read_text(), output
+    assert job["JobState"] == "CANCELLED" and job["Restarts"] == "0", output
+    assert (run / "checkpoints/latest").exists() and not (run / "summary.json").exists(), output
