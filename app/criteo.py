@@ -207,34 +207,39 @@ def parse_hex(arr: pa.Array, at: Callable[[int], str]) -> tuple[np.ndarray, np.n
     if arr.null_count:
         lengths = np.where(arr.is_valid().to_numpy(zero_copy_only=False), lengths, 0)
     present = lengths > 0
-    rows = np.flatnonzero(present)
-    starts, lengths = offsets[:-1][rows], lengths[rows]
-    width = int(lengths.max(initial=0))
+    m, width, total = int(np.count_nonzero(present)), int(lengths.max(initial=0)), int(lengths.sum())
     if width > 16:
-        row = int(rows[np.flatnonzero(lengths > 16)[0]])
+        row = int(np.flatnonzero(lengths > 16)[0])
         raise DataError(f"{at(row)}: value {arr[row].as_py()!r} has more than 16 hex digits")
-    m = len(rows)
-    if m and int(lengths.min()) == width and int(offsets[-1] - offsets[0]) == m * width:
+    if m and total == m * width and int(offsets[-1] - offsets[0]) == total:
         # one width (Criteo: 8 digits) and the values back to back: a [m, width] view of the
-        # bytes, no gather; digits right-aligned into 16 nibbles, packed into big-endian bytes
-        digits = _HEX[data[offsets[0]:offsets[0] + m * width].reshape(m, width)]
-        bad = (digits == 255).any(axis=1)
-        nibbles = np.zeros((m, 16), np.uint8)
-        nibbles[:, 16 - width:] = digits
-        packed = np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2])
-        values = packed.view(">u8")[:, 0].astype(np.uint64)
-    else:
+        # bytes, no gather. ASCII arithmetic instead of a table lookup (a lookup is 10x slower):
+        # '0'-'9' -> 0-9, 'a'-'f' and 'A'-'F' -> 10-15; right-aligned nibbles are then packed
+        # into big-endian bytes and read as one number.
+        chars = data[offsets[0]:offsets[0] + total].reshape(m, width)
+        lower = chars | np.uint8(32)
+        ok = ((lower - np.uint8(48)) < 10) | ((lower - np.uint8(97)) < 6)
+        bad = None if ok.all() else ~ok.all(axis=1)
+        digits = (chars & np.uint8(15)) + np.uint8(9) * (chars >> np.uint8(6))
+        size = 8 if width <= 8 else 16
+        if width < size:
+            digits = np.concatenate([np.zeros((m, size - width), np.uint8), digits], axis=1)
+        packed = (digits[:, 0::2] << np.uint8(4)) | digits[:, 1::2]
+        values = packed.view(">u4" if size == 8 else ">u8")[:, 0].astype(np.uint64)
+    else:  # mixed widths: one gather per digit position
+        starts, lengths = offsets[:-1][present], lengths[present]
         values, bad = np.zeros(m, np.uint64), np.zeros(m, bool)
-        for j in range(width):  # digit j from the left, where the value has one
+        for j in range(width):
             act = lengths > j
             digit = _HEX[data[starts[act] + j]]
             bad[act] |= digit == 255
             values[act] = (values[act] << np.uint64(4)) | digit.astype(np.uint64)
-    if bad.any():
-        row = int(rows[np.flatnonzero(bad)[0]])
+        bad = bad if bad.any() else None
+    if bad is not None:
+        row = int(np.flatnonzero(present)[np.flatnonzero(bad)[0]])
         raise DataError(f"{at(row)}: value {arr[row].as_py()!r} is not hexadecimal")
     out = np.zeros(n, np.uint64)
-    out[rows] = values
+    out[present] = values
     return out, present
 
 

@@ -129,8 +129,11 @@ def constraints(cfg: PlanConfig, tables: list[str], world_size: int,
         if not 0 <= t.cache_load_factor <= 1:
             raise ConfigError(f"{key}.cache_load_factor is {t.cache_load_factor}; use a share of rows "
                               "in (0, 1], or 0 for the kernel's default")
-    default_types = cfg.sharding_types or (LARGE_WORLD_SHARDING_TYPES
-                                           if world_size > FULL_SEARCH_MAX_RANKS else [])
+    # data_parallel only when asked for: replicated tables leave the fused optimizer, so their
+    # optimizer state would not load into a plan that shards them (resume on another plan)
+    default_types = cfg.sharding_types or (
+        LARGE_WORLD_SHARDING_TYPES if world_size > FULL_SEARCH_MAX_RANKS else
+        [t for t in sharders()[0].sharding_types(compute_device) if t != ShardingType.DATA_PARALLEL.value])
     out = {}
     for table in tables:
         column, t = by_table.get(table, (None, None))

@@ -28,7 +28,8 @@ def restore(path: str | Path, overrides: list[str]) -> tuple[Config, Env, torch.
         if found is None:
             raise FileNotFoundError(f"{path}: neither a checkpoint nor a run folder with one")
         path = found
-    cfg = load_config(path / "config.json", overrides)
+    # the run's plan file was made for its world size; plan afresh unless told otherwise
+    cfg = load_config(path / "config.json", ["--plan.file", "", *overrides])
     env = init_distributed(cfg.train.device)
     dmp, optimizer, _ = build(cfg, env, resolve_columns(cfg))
     checkpoint.load(path, dmp)

@@ -32,7 +32,7 @@ from app.data import (Batch, Columns, ParquetBatches, Position, Schema, consume,
                       span_rows)
 from app.metrics import EvalMetrics, RunLog, TrainMetrics
 from app.model import MultiTaskModel, MultiTaskTrain, Outputs, table_name
-from app.plan import sharders, training_plan
+from app.plan import save_plan, sharders, training_plan
 
 log = logging.getLogger("app")
 
@@ -221,6 +221,7 @@ def train(cfg: Config) -> dict:
             print(f"resuming from {resume_from} (step {step})")
         save_config(cfg, run_dir / "config.json")
         (run_dir / "plan.txt").write_text(str(plan) + "\n")
+        save_plan(plan, run_dir / "plan.json")  # reusable: --plan.file RUN_DIR/plan.json
     pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
     log = RunLog(run_dir, is_main, cfg.train.tensorboard)
     tasks = list(cfg.tasks)

@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# --code DIR measures the `app` package of another checkout (a patched reader, say)
+CODE = Path(sys.argv[sys.argv.index("--code") + 1]).resolve() if "--code" in sys.argv else ROOT
+sys.path.insert(0, str(CODE))
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -155,7 +157,7 @@ def convert_bench(tmp: Path, megabytes: int, workers: int) -> dict:
            "--num-labels", "2", "--hash-size", "100000", "--workers", str(workers),
            "--train", *map(str, inputs["train"]), "--test", *map(str, inputs["test"])]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT)
+    proc = subprocess.Popen(cmd, cwd=CODE)
     sampler = PeakMemory(proc.pid)
     sampler.start()
     if proc.wait():
@@ -182,7 +184,8 @@ def report(info: dict, rows: int, disk_mb: float, mem_mb: float, raw: float,
         "rerun to refresh them.",
         "",
         f"Machine: {info['cores']} cores, {info['cpu']}. Versions: Python {info['python']}, "
-        f"torch {info['torch']}, torchrec {info['torchrec']}, pyarrow {info['pyarrow']}.",
+        f"torch {info['torch']}, torchrec {info['torchrec']}, pyarrow {info['pyarrow']}."
+        + ("" if CODE == ROOT else f" Code measured: `app` from {CODE}."),
         "",
         "## Loader: Parquet to ready `Batch`",
         "",
@@ -244,6 +247,8 @@ def main() -> None:
     p.add_argument("--workers", default=f"0,{os.cpu_count()}", help="DataLoader workers to measure")
     p.add_argument("--convert-mb", type=int, default=200, help="TSV size for the converter; 0 skips it")
     p.add_argument("--profile", action="store_true", help="add a cProfile of the 0-worker reader")
+    p.add_argument("--repeat", type=int, default=3, help="passes per path; the fastest counts")
+    p.add_argument("--code", default=str(ROOT), help="checkout whose `app` package is measured")
     p.add_argument("--tmp", default=None, help="scratch folder (default: a temporary one, removed)")
     p.add_argument("--out", default=str(ROOT / "bench" / "DATA.md"))
     args = p.parse_args()
@@ -258,12 +263,12 @@ def main() -> None:
         first = pq.ParquetFile(files[0]).read_row_group(0)
         mem = first.nbytes / first.num_rows * args.rows / 1e6
         print(f"generated {args.rows:,} rows ({disk:,.0f} MB) in {time.perf_counter() - t:.0f}s", flush=True)
-        n, secs = best(raw_read, files)
+        n, secs = best(raw_read, files, repeat=args.repeat)
         raw = n / secs
         print(f"raw read: {raw:,.0f} samples/s", flush=True)
         results = {}
         for w in (int(x) for x in args.workers.split(",")):
-            n, secs = best(reader, tmp / "parquet", schema, w)
+            n, secs = best(reader, tmp / "parquet", schema, w, repeat=args.repeat)
             results[w] = n / secs
             print(f"reader, {w} workers: {results[w]:,.0f} samples/s ({results[w] / raw:.2f} of raw)", flush=True)
         prof = profile(tmp / "parquet", schema) if args.profile else None

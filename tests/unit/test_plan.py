@@ -154,6 +154,13 @@ def test_oversized_table_fails_with_its_size_then_fits_with_uvm_caching():
     assert "fused_uvm_caching" in text and "DDR used" in text and "critical-path rank" in text
 
 
+def test_tables_that_fit_alone_but_not_together_are_explained():
+    with pytest.raises(PlanError, match=r"every table fits a rank on its own \(largest: t_c0, 2,500,000 x 64.*"
+                                        r"together the tables need at least"):
+        dry_run(["--model.embedding_dim", "64", "--plan.compute_kernels", "['fused', 'dense']"],
+                world_size=1, cardinalities=(2_500_000,) * 4, hbm_cap=2**30)
+
+
 def test_report_groups_ranks_and_names_the_critical_rank():
     _, run = dry_run(world_size=16)
     text = planning.report(run)
