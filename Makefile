@@ -2,7 +2,9 @@
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
-PY := $(VENV)/bin/python
+# PY=python3 runs in an environment you manage yourself: nothing is installed then.
+PY ?= $(VENV)/bin/python
+SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),venv,)
 CONFIG ?= configs/census_mmoe.toml
 GPUS ?= 0
 ARGS ?=
@@ -15,7 +17,7 @@ FBGEMM := $(if $(shell command -v nvidia-smi),fbgemm-gpu,fbgemm-gpu-cpu)
 .PHONY: venv data train test test-slow plan clean
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: setup.cfg pyproject.toml Makefile
+$(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(FBGEMM)==$(FBGEMM_VERSION)
@@ -24,28 +26,28 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	$(PY) -c "import torchrec, fbgemm_gpu"
 	touch $@
 
-data: venv
+data: $(SETUP)
 	$(PY) -m app data census
 
 # GPUS=0: one process (CPU, or the GPU when there is one); GPUS=N: N ranks under torchrun
 # (gloo CPU ranks on a machine without GPUs).
-train: venv
+train: $(SETUP)
 	@if grep -q '"data/census"' $(CONFIG); then $(PY) -m app data census; fi
 ifeq ($(GPUS),0)
 	$(PY) -m app train --config $(CONFIG) $(ARGS)
 else
-	$(VENV)/bin/torchrun --standalone --nproc-per-node $(GPUS) -m app train --config $(CONFIG) $(ARGS)
+	$(PY) -m torch.distributed.run --standalone --nproc-per-node $(GPUS) -m app train --config $(CONFIG) $(ARGS)
 endif
 
-test: venv
+test: $(SETUP)
 	$(PY) -m pytest -q $(ARGS)
 
-test-slow: venv
+test-slow: $(SETUP)
 	$(PY) -m pytest -q -m slow $(ARGS)
 
 # make plan GPUS=N [CONFIG=...] [ARGS="--cardinality 1000000 --hbm 80GiB --out plan.json"]:
 # the sharding planner's dry run for N ranks (GPUS=0: one), on any machine; see `mmoe plan --help`
-plan: venv
+plan: $(SETUP)
 	$(PY) -m app plan --config $(CONFIG) --world-size $(if $(filter 0,$(GPUS)),1,$(GPUS)) $(ARGS)
 
 clean:
@@ -54,5 +56,5 @@ clean:
 # make report [RUN=runs/x]: RUN/report.md with loss, AUC, throughput and gate plots
 RUN ?= runs/census_mmoe
 .PHONY: report
-report: venv
+report: $(SETUP)
 	$(PY) -m app report $(RUN)
