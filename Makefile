@@ -58,3 +58,20 @@ RUN ?= runs/census_mmoe
 .PHONY: report
 report: $(SETUP)
 	$(PY) -m app report $(RUN)
+
+# make bench-data [ARGS="--rows 4000000 --convert-mb 1000"]: reader samples/s against pyarrow's
+# raw read, and the TSV converter's speed and peak memory; writes bench/DATA.md
+.PHONY: bench-data
+bench-data: $(SETUP)
+	$(PY) bench/data.py $(ARGS)
+
+# make bench [GPUS=N] [ARGS="--skip naive --precision bf16"]: training throughput (end to end, and
+# reader, embeddings, dense head and a naive loop alone), appended to bench/RESULTS.md; GPUS=0: one
+# process (small sizes on a machine without GPUs), GPUS=N: N ranks under torchrun
+.PHONY: bench
+bench: $(SETUP)
+ifeq ($(GPUS),0)
+	$(PY) bench/train.py $(ARGS)
+else
+	$(PY) -m torch.distributed.run --standalone --nproc-per-node $(GPUS) bench/train.py $(ARGS)
+endif

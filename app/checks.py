@@ -124,9 +124,12 @@ def _stat_problem(name: str, stats, tp: pa.DataType, columns: "Columns",
         return None
     lo, hi = lo + 0, hi + 0  # writers store a float min of 0 as -0.0
     if name in columns.categorical:
-        card = columns.cardinality[columns.categorical.index(name)]
+        i = columns.categorical.index(name)
+        card, offset = columns.cardinality[i], _offset(columns, i)
+        lo, hi = lo - offset, hi - offset
         if lo < 0 or hi >= card:
-            return (f"ids span [{lo}, {hi}] but the schema gives cardinality {card} "
+            shifted = f", keys minus the slot offset {offset}" if offset else ""
+            return (f"ids span [{lo}, {hi}]{shifted} but the schema gives cardinality {card} "
                     f"(ids must lie in [0, {card}); raise it in schema.json if the ids are right)")
         return None
     if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -134,6 +137,12 @@ def _stat_problem(name: str, stats, tp: pa.DataType, columns: "Columns",
     if kinds.get(name) == "binary" and (lo < 0 or hi > 1):
         return f"labels span [{lo}, {hi}] but a binary task needs 0 or 1"
     return None
+
+
+def _offset(columns: "Columns", i: int) -> int:
+    """HugeCTR data sets store id + a per-column slot offset (`Columns.offsets`, () for none)."""
+    offsets = getattr(columns, "offsets", ())
+    return offsets[i] if offsets else 0
 
 
 def check_statistics(path: Path, meta: pq.FileMetaData, columns: "Columns",
@@ -245,8 +254,10 @@ def describe(table: pa.Table, name: str, mask: np.ndarray, columns: "Columns") -
     row = int(np.flatnonzero(mask)[0])
     value = table.column(name)[row].as_py()
     if name in columns.categorical:
-        card = columns.cardinality[columns.categorical.index(name)]
-        what = f"ids outside [0, {card}) or null"
+        i = columns.categorical.index(name)
+        offset = _offset(columns, i)
+        what = f"ids outside [0, {columns.cardinality[i]}) or null" + (
+            f" (ids are keys minus the slot offset {offset})" if offset else "")
     elif name in columns.labels:
         what = "labels that are not 0/1 (binary) or not finite"
     else:

@@ -17,7 +17,9 @@ from typing import Any
 
 @dataclass
 class DataConfig:
-    path: str = "data/census"  # dataset folder holding schema.json and one folder per split
+    # dataset folder holding schema.json and one folder per split, or HugeCTR's data folder
+    # whose splits hold _file_list.txt and _metadata.json (app/hugectr.py)
+    path: str = "data/census"
     train_split: str = "train"
     eval_split: str = "test"
     dense: list[str] = field(default_factory=list)  # empty: every dense column of the schema
@@ -27,6 +29,10 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank
     shuffle: bool = True  # shuffle row groups and rows within a window each epoch
     on_bad_rows: str = "error"  # "error" stops with file/row group/column; "skip" drops and counts
+    # HugeCTR data without schema.json: rows of each table in _metadata.json "cats" order
+    # (HugeCTR's slot_size_array); empty: max id + 1 found in the splits
+    slot_size_array: list[int] = field(default_factory=list)
+    keys_have_offsets: bool = False  # keys are id + sum of the earlier slots' sizes (HugeCTR's offsets)
 
 
 @dataclass
@@ -34,18 +40,29 @@ class TaskConfig:
     type: str = "binary"  # "binary" (BCE on a 0/1 label) or "regression" (MSE)
     label: str = ""  # label column; empty: the task's name
     weight: float = 1.0  # multiplies this task's loss, hence its gradients
+    # ESMM-style chain: this task's prediction is its tower's probability times the named task's
+    # prediction (e.g. ctcvr = cvr tower x ctr), so the tower learns p(this | named) over all rows
+    multiply_by: str = ""
 
 
 @dataclass
 class ModelConfig:
-    head: str = "mmoe"  # "mmoe" or "shared_bottom"
+    head: str = "mmoe"  # "mmoe", "omoe" (one gate for all tasks), "shared_bottom", "cgc" or "ple"
     embedding_dim: int = 16
-    num_experts: int = 3
+    num_experts: int = 3  # mmoe and omoe
+    num_shared_experts: int = 2  # cgc and ple: experts every task's gate sees
+    num_task_experts: int = 1  # cgc and ple: experts of each task, seen by its gate only
+    num_levels: int = 2  # ple: extraction levels (cgc is one level)
     expert_layers: list[int] = field(default_factory=lambda: [512, 256, 128])
     tower_layers: list[int] = field(default_factory=lambda: [128, 64])
     dropout: float = 0.0
     activation: str = "relu"  # "relu", "gelu" or "silu"
     precision: str = "fp32"  # "bf16": autocast the dense head and towers (fp32 master weights)
+    # How task losses are summed (app/model.py, LossBalancer): "fixed" (tasks.*.weight),
+    # "uncertainty" (learned log-variances, Kendall et al. 2018) or "gradnorm" (learned weights
+    # that equalize gradient norms at the last shared layer, Chen et al. 2018)
+    loss_balancing: str = "fixed"
+    gradnorm_alpha: float = 1.5  # gradnorm: how hard slower-learning tasks are pulled up; 0 equal norms
 
 
 @dataclass
@@ -224,8 +241,10 @@ def validate(cfg: Config) -> None:
         if task.type not in ("binary", "regression"):
             raise ConfigError(f"tasks.{name}.type is {task.type!r}; use 'binary' or 'regression'")
         task.label = task.label or name
+    _validate_chains(cfg.tasks)
     choices = {
-        "model.head": (cfg.model.head, ("mmoe", "shared_bottom")),
+        "model.head": (cfg.model.head, ("mmoe", "omoe", "shared_bottom", "cgc", "ple")),
+        "model.loss_balancing": (cfg.model.loss_balancing, ("fixed", "uncertainty", "gradnorm")),
         "model.activation": (cfg.model.activation, ("relu", "gelu", "silu")),
         "model.precision": (cfg.model.precision, ("fp32", "bf16")),
         "optim.dense": (cfg.optim.dense, ("adam", "sgd")),
@@ -238,6 +257,40 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} is {value!r}; use one of {', '.join(allowed)}")
     if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
         raise ConfigError("data.batch_size and data.eval_batch_size must be at least 1")
+    m = cfg.model
+    for key in ("num_experts", "num_shared_experts", "num_task_experts", "num_levels"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"model.{key} is {getattr(m, key)}; it must be at least 1")
+    if not m.expert_layers:
+        raise ConfigError("model.expert_layers is empty; give at least one layer size, e.g. [128]")
+    if m.gradnorm_alpha < 0:
+        raise ConfigError(f"model.gradnorm_alpha is {m.gradnorm_alpha}; use 0 or more (the paper uses 0.12 to 3)")
+    if m.loss_balancing == "gradnorm" and len(cfg.tasks) < 2:
+        raise ConfigError("model.loss_balancing 'gradnorm' balances several tasks; with one task use 'fixed'")
+    if m.loss_balancing != "fixed" and any(t.weight <= 0 for t in cfg.tasks.values()):
+        bad = next(n for n, t in cfg.tasks.items() if t.weight <= 0)
+        raise ConfigError(f"tasks.{bad}.weight is {cfg.tasks[bad].weight}; model.loss_balancing "
+                          f"{m.loss_balancing!r} needs positive task weights")
+
+
+def _validate_chains(tasks: dict[str, TaskConfig]) -> None:
+    """multiply_by names another binary task, and following the names never comes back."""
+    for name, task in tasks.items():
+        if not task.multiply_by:
+            continue
+        if task.multiply_by not in tasks:
+            raise ConfigError(f"tasks.{name}.multiply_by is {task.multiply_by!r}, which is no task; "
+                              f"tasks: {', '.join(tasks)}")
+        for n in (name, task.multiply_by):
+            if tasks[n].type != "binary":
+                raise ConfigError(f"tasks.{name}.multiply_by: {n!r} is a {tasks[n].type} task; a "
+                                  f"product of probabilities needs binary tasks on both sides")
+        chain = [name]
+        while tasks[chain[-1]].multiply_by:
+            chain.append(tasks[chain[-1]].multiply_by)
+            if chain[-1] in chain[:-1]:
+                raise ConfigError(f"tasks.{name}.multiply_by makes a cycle: {' -> '.join(chain)}; "
+                                  f"a chain must end at a task with no multiply_by")
 
 
 def save_config(cfg: Config, path: Path) -> None:

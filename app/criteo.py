@@ -50,7 +50,7 @@ COUNT_RANGE_BYTES = 64 << 20  # vocabulary pass: smaller ranges bound each worke
 
 @dataclass(frozen=True)
 class Options:
-    """How fields become columns. `hash_sizes` has one size per categorical column."""
+    """How fields become columns (see the module docstring for the id rules)."""
 
     labels: tuple[str, ...] = ("click",)
     num_dense: int = 13
@@ -58,7 +58,7 @@ class Options:
     log1p: bool = True  # dense: log1p(max(x, 0)), the Criteo convention
     dense_fill: float = 0.0  # a missing dense value, before the transform
     mode: str = "hash"  # "hash" or "vocab"
-    hash_sizes: tuple[int, ...] = (1_000_000,) * 26
+    hash_sizes: tuple[int, ...] = (1_000_000,)  # one for every column, or one per column
     min_count: int = 3
     row_group_size: int = 65_536
 
@@ -70,6 +70,9 @@ class Options:
     def categorical(self) -> list[str]:
         return [f"c{i}" for i in range(self.num_categorical)]
 
+    def hash_size(self, column: int) -> int:
+        return self.hash_sizes[column if len(self.hash_sizes) > 1 else 0]
+
     def validate(self) -> None:
         if self.mode not in ("hash", "vocab"):
             raise DataError(f"categorical mode {self.mode!r}; use 'hash' or 'vocab'")
@@ -78,7 +81,7 @@ class Options:
         clash = set(self.labels) & set(self.dense + self.categorical)
         if clash:
             raise DataError(f"label names {sorted(clash)} clash with the feature columns d*/c*")
-        if self.mode == "hash" and (len(self.hash_sizes) != self.num_categorical
+        if self.mode == "hash" and (len(self.hash_sizes) not in (1, self.num_categorical)
                                     or min(self.hash_sizes) < 2):
             raise DataError(f"hash sizes {list(self.hash_sizes)}: give one size (at least 2, id 0 "
                             f"is kept for missing values) or {self.num_categorical} of them")
@@ -115,7 +118,6 @@ def _line_start(f, pos: int) -> int:
         nl = block.find(b"\n")
         if nl >= 0:
             return f.tell() - len(block) + nl + 1
-        pos += len(block)
 
 
 def pieces(path: str | Path, range_bytes: int) -> list[Piece]:
@@ -284,7 +286,8 @@ class Vocabulary:
     @classmethod
     def load(cls, path: Path, num_categorical: int) -> "Vocabulary":
         with np.load(path) as z:
-            return cls(*([z[f"c{i}_{k}"] for i in range(num_categorical)] for k in ("values", "ids", "counts")))
+            return cls(*([z[f"c{i}_{key}"] for i in range(num_categorical)]
+                         for key in ("values", "ids", "counts")))
 
 
 def _ids(values: np.ndarray, present: np.ndarray, column: int, opts: Options,
@@ -292,7 +295,7 @@ def _ids(values: np.ndarray, present: np.ndarray, column: int, opts: Options,
     ids = np.full(len(values), MISSING_ID, np.int64)
     v = values[present]
     if opts.mode == "hash":
-        size = opts.hash_sizes[column]
+        size = opts.hash_size(column)
         ids[present] = (v % np.uint64(size - 1)).astype(np.int64) + 1
     else:
         ids[present] = vocab.lookup(column, v)
@@ -389,7 +392,8 @@ def convert_piece(piece: Piece, opts: Options, out_file: str) -> dict:
     return {"rows": rows, "label_sum": sums}
 
 
-def _run_pool(fn: Callable, jobs: list[tuple], workers: int, vocab: Vocabulary | None = None) -> Iterator[tuple[int, object]]:
+def _run_pool(fn: Callable, jobs: list[tuple], workers: int,
+              vocab: Vocabulary | None = None) -> Iterator[tuple[int, object]]:
     """(job index, result) as jobs finish; in this process when one worker is asked for."""
     if workers <= 1 or len(jobs) <= 1:
         _init_worker(vocab)
@@ -472,7 +476,7 @@ def convert(inputs: dict[str, list[str | Path]], out: str | Path, opts: Options,
         shutil.rmtree(stage, ignore_errors=True)
 
     if opts.mode == "hash":
-        cards = list(opts.hash_sizes)
+        cards = [opts.hash_size(i) for i in range(opts.num_categorical)]
         cat_meta = {"mode": "hash", "rule": "id = 1 + int(value, 16) % (size - 1); missing -> 0",
                     "sizes": cards}
     else:
@@ -524,7 +528,7 @@ def add_data_command(sub) -> None:
                    help=f"comma-separated; default {','.join(DEFAULT_LABELS)} cut to --num-labels")
     p.add_argument("--categorical", choices=("hash", "vocab"), default="hash")
     p.add_argument("--hash-size", default="1000000",
-                   help="ids per column in hash mode: one size or one per column (e.g. 100000 to train on a CPU)")
+                   help="hash mode: ids per column, one size or one per column (100000 fits CPU training)")
     p.add_argument("--min-count", type=int, default=3, help="vocab mode: rarer values share one id")
     p.add_argument("--dense-transform", choices=("log1p", "none"), default="log1p")
     p.add_argument("--dense-fill", type=float, default=0.0, help="value of a missing dense field")
@@ -552,7 +556,7 @@ def _run(args) -> None:
     opts = Options(labels=label_names(args.num_labels, args.label_names), num_dense=args.num_dense,
                    num_categorical=args.num_categorical, log1p=args.dense_transform == "log1p",
                    dense_fill=args.dense_fill, mode=args.categorical,
-                   hash_sizes=tuple(sizes * args.num_categorical if len(sizes) == 1 else sizes),
+                   hash_sizes=tuple(sizes),
                    min_count=args.min_count, row_group_size=args.row_group_size)
     start = time.perf_counter()
     schema = convert({"train": args.train, "valid": args.valid, "test": args.test}, args.out, opts,

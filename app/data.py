@@ -1,6 +1,7 @@
 """Criteo-format Parquet -> `Batch`: schema, rank shares, and the reader.
 
-A dataset folder holds `schema.json` and one folder of Parquet files per split. Every epoch
+A dataset folder holds `schema.json` and one folder of Parquet files per split; HugeCTR's
+Parquet splits (a file list and `_metadata.json`) are read in place (app/hugectr.py). Every epoch
 defines one global order of rows (row groups shuffled, rows shuffled inside each row group,
 both seeded by the epoch), independent of the world size. Each rank takes an equal,
 contiguous share of the rows not yet consumed, so ranks read disjoint row groups (shared
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from app import checks
+from app import checks, hugectr
 from app.checks import DataError
 
 SCHEMA_FILE = "schema.json"
@@ -44,6 +45,8 @@ class Schema:
     categorical: dict[str, int]  # column -> cardinality (ids must lie in [0, cardinality))
     multi_hot: list[str] = field(default_factory=list)  # list<int> columns
     meta: dict = field(default_factory=dict)
+    # keys in the files are id + offset (HugeCTR's slot offsets); from the config, not saved
+    offsets: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def load(cls, dataset: str | Path) -> "Schema":
@@ -71,6 +74,21 @@ class Schema:
         (Path(dataset) / SCHEMA_FILE).write_text(json.dumps(doc, indent=2) + "\n")
 
 
+def load_schema(dataset: str | Path, splits: list[str] | tuple[str, ...] = (),
+                slot_size_array: list[int] | tuple[int, ...] = (),
+                keys_have_offsets: bool = False) -> tuple[Schema, str]:
+    """(schema, where it came from): `schema.json` when the dataset has one, otherwise the
+    `_metadata.json` of HugeCTR's split folders (`splits`, train first; app/hugectr.py)."""
+    path = Path(dataset) / SCHEMA_FILE
+    if path.exists() or not splits:
+        if slot_size_array or keys_have_offsets:
+            raise DataError(f"{path}: data.slot_size_array and data.keys_have_offsets are for HugeCTR "
+                            f"data sets without schema.json; this one gives the cardinalities: "
+                            f"remove those keys")
+        return Schema.load(dataset), str(path)
+    return hugectr.derive_schema(dataset, list(splits), list(slot_size_array), keys_have_offsets)
+
+
 @dataclass(frozen=True)
 class Columns:
     """The columns one run reads, in config order: labels (one per task), dense, categorical."""
@@ -80,6 +98,7 @@ class Columns:
     categorical: tuple[str, ...]
     cardinality: tuple[int, ...]
     multi_hot: frozenset[str] = frozenset()
+    offsets: tuple[int, ...] = ()  # per categorical column, subtracted from its keys; (): none
 
     @classmethod
     def resolve(cls, schema: Schema, labels: list[str], dense: list[str], categorical: list[str],
@@ -101,6 +120,7 @@ class Columns:
             categorical=tuple(categorical),
             cardinality=tuple(schema.categorical[c] for c in categorical),
             multi_hot=frozenset(c for c in categorical if c in schema.multi_hot),
+            offsets=tuple(schema.offsets.get(c, 0) for c in categorical) if schema.offsets else (),
         )
 
     @property
@@ -172,6 +192,22 @@ def _ids(arr: pa.Array, cardinality: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ones(len(arr), dtype=np.int32), values.astype(np.int64, copy=False)
 
 
+def subtract_offsets(table: pa.Table, columns: Columns) -> pa.Table:
+    """Keys carrying slot offsets -> table ids, before the checks: a key outside its slot
+    then shows as an id outside [0, cardinality)."""
+    for name, offset in zip(columns.categorical, columns.offsets):
+        if not offset:
+            continue
+        col = table.column(name).combine_chunks()
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            ids = pc.subtract(col.values.cast(pa.int64()), offset)
+            col = type(col).from_arrays(col.offsets, ids, mask=col.is_null() if col.null_count else None)
+        else:
+            col = pc.subtract(col.cast(pa.int64()), offset)
+        table = table.set_column(table.schema.get_field_index(name), name, col)
+    return table
+
+
 def _float_matrix(table: pa.Table, names: tuple[str, ...]) -> torch.Tensor:
     if not names:
         return torch.zeros(table.num_rows, 0)
@@ -214,6 +250,12 @@ class RowGroup:
 
 
 def split_files(dataset: str | Path, split: str) -> list[Path]:
+    """A split's Parquet files: HugeCTR's file list order (rows checked against its
+    `_metadata.json`), or the split folder's files sorted by name."""
+    layout = hugectr.find_split(dataset, split)
+    if layout is not None:
+        hugectr.check_row_counts(layout)
+        return layout.files
     folder = Path(dataset) / split
     files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not files:
@@ -374,14 +416,18 @@ class ParquetBatches(IterableDataset):
             table = pq.ParquetFile(g.file).read_row_group(g.index, columns=self.columns.all)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"{g.file}: row group {g.index} cannot be read ({e})") from e
+        table = subtract_offsets(table, self.columns)
         masks = checks.bad_rows(table, self.columns, self.label_kinds)
         bad = np.zeros(table.num_rows, bool)
         for name, mask in masks.items():
             if mask.any() and self.on_bad_rows == "error":
                 row = int(np.flatnonzero(mask)[0])
+                offset = dict(zip(self.columns.categorical, self.columns.offsets)).get(name)
+                shifted = f" (ids are keys minus the slot offset {offset})" if offset else ""
                 raise DataError(
                     f"{g.file}: row group {g.index}, column {name!r}: {int(mask.sum())} bad values, "
-                    f"first at row {row} (NaN/inf, id outside [0, cardinality), or label not 0/1); "
+                    f"first at row {row} (NaN/inf, id outside [0, cardinality), or label not 0/1)"
+                    f"{shifted}; "
                     f"fix the data or set data.on_bad_rows = \"skip\""
                 )
             bad |= mask

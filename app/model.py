@@ -1,10 +1,18 @@
 """The multi-task model: sparse arch (EmbeddingBagCollection) -> dense input -> head -> towers.
 
 Shapes: B rows, F categorical features of dim d, D dense features, E experts, T tasks.
+
+Two multi-task extras live here. ESMM-style chains (`tasks.<t>.multiply_by`): the task's
+probability is its tower's probability times another task's, so e.g. a conversion tower is
+trained on all impressions through p(click and convert) = p(click) p(convert | click).
+Loss balancing (`model.loss_balancing`): how the per-task losses become the one scalar the
+pipeline calls `backward()` on; see `LossBalancer`.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
+
+import math
 
 import torch
 from torch import nn
@@ -19,7 +27,7 @@ from app.heads import HEADS, BatchedMLP
 class Outputs(NamedTuple):
     """What a step returns besides the loss; all detached, still on the device."""
 
-    losses: torch.Tensor  # [T] per-task mean loss
+    losses: torch.Tensor  # [T] per-task mean loss, unweighted
     preds: torch.Tensor  # [B, T]
     labels: torch.Tensor  # [B, T]
     weights: torch.Tensor  # [B]
@@ -55,16 +63,63 @@ class SparseArch(nn.Module):
         return torch.cat([pooled[f] for f in self.features], dim=1)  # [B, F*d]
 
 
+def chain_order(tasks: dict[str, TaskConfig]) -> list[tuple[int, int]]:
+    """(task index, multiply_by index) for chained tasks, each after the task it multiplies by.
+
+    The config is validated (no cycles), so following multiply_by always ends.
+    """
+    names = list(tasks)
+
+    def depth(name: str) -> int:
+        return 0 if not tasks[name].multiply_by else 1 + depth(tasks[name].multiply_by)
+
+    chained = sorted((n for n in names if tasks[n].multiply_by), key=depth)
+    return [(names.index(n), names.index(tasks[n].multiply_by)) for n in chained]
+
+
+def _log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(a)) for a < 0, accurate on both sides of -log 2 (Maechler 2012).
+
+    Each branch gets an input clamped to its own side, so the branch torch.where drops has
+    finite gradients (an inf there would turn the kept gradient into nan).
+    """
+    ln2 = math.log(2.0)
+    near = torch.log(-torch.expm1(a.clamp(min=-ln2)))
+    far = torch.log1p(-torch.exp(a.clamp(max=-ln2)))
+    return torch.where(a > -ln2, near, far)
+
+
+def apply_chains(logits: torch.Tensor, chains: list[tuple[int, int]], num_tasks: int) -> torch.Tensor:
+    """[B, T] tower logits -> [B, T] logits whose sigmoid is the chained probability.
+
+    For (t, by) in `chains` (parents first): p_t = sigmoid(z_t) * p_by, computed in log space,
+    returned as the logit log p - log(1 - p) so that BCE-with-logits and sigmoid stay exact.
+    """
+    if not chains:
+        return logits
+    logsig = nn.functional.logsigmoid(logits)
+    # columns by index: a traced tensor (torch.fx) cannot be iterated or unbound into a list
+    logp = [logsig[:, t] for t in range(num_tasks)]
+    out = [logits[:, t] for t in range(num_tasks)]
+    for t, by in chains:
+        logp[t] = (logp[t] + logp[by]).clamp(max=-1e-7)  # p < 1: keeps the logit finite
+        out[t] = logp[t] - _log1mexp(logp[t])
+    return torch.stack(out, dim=1)
+
+
 class MultiTaskModel(nn.Module):
     """(dense [B, D], KJT) -> (logits [B, T], gate weights [B, T, E] or None).
 
-    One tower per task, in config order.
+    One tower per task, in config order. A chained task's logit is that of its product
+    probability (`apply_chains`).
     """
 
     def __init__(self, columns: Columns, tasks: dict[str, TaskConfig], cfg: ModelConfig,
                  device: torch.device | str = "cpu"):
         super().__init__()
         self.task_names = list(tasks)
+        self.cfg = cfg  # MultiTaskTrain reads the loss balancing from it
+        self.chains = chain_order(tasks)
         self.sparse = SparseArch(columns, cfg.embedding_dim)
         in_dim = len(columns.categorical) * cfg.embedding_dim + len(columns.dense)
         self.head = HEADS[cfg.head](in_dim, len(tasks), cfg).to(device)
@@ -79,24 +134,90 @@ class MultiTaskModel(nn.Module):
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
             h, gates = self.head(x)  # [B, T, H]
             logits = self.towers(h.transpose(0, 1)).squeeze(2).T  # [T, B, 1] -> [B, T]
-        return logits.float(), gates if gates is None else gates.float()
+        return apply_chains(logits.float(), self.chains, len(self.task_names)), gates if gates is None else gates.float()
+
+
+class LossBalancer(nn.Module):
+    """Per-task mean losses [T] -> the scalar the trainer differentiates.
+
+    fixed: sum_t w_t L_t, w_t = tasks.<t>.weight.
+    uncertainty (Kendall et al. 2018): sum_t w_t (c_t exp(-s_t) L_t + s_t / 2), s_t = log
+        sigma_t^2 learned from 0; c_t = 1/2 for regression (Gaussian likelihood), 1 for
+        binary. At the optimum c_t exp(-s_t) = 1 / (2 L_t): a noisier task weighs less.
+    gradnorm (Chen et al. 2018): learned weights w (from tasks.<t>.weight, scaled to sum to T)
+        and loss sum_t w_t.detach() L_t + L_grad, with L_grad = sum_t |G_t - mean(G) r_t^alpha|,
+        G_t = w_t ||d L_t / d W|| at the last shared layer's weight W, r_t the task's loss
+        ratio L_t / L_t(first step) over the mean ratio. The network learns from the first term
+        only (w detached); w learns from L_grad only (the norms and the target are detached, as
+        in the paper, so no second-order term reaches the network: the per-task gradients need
+        retain_graph but not create_graph). Before each training step w is renormalized to sum to
+        T, in place: the optimizer steps it after the previous backward.
+    """
+
+    def __init__(self, mode: str, weights: list[float], binary: list[bool], alpha: float,
+                 device: torch.device | str):
+        super().__init__()
+        self.mode, self.alpha, self.num_tasks = mode, alpha, len(weights)
+        w = torch.tensor(weights, dtype=torch.float32, device=device)
+        self.register_buffer("fixed", w, persistent=False)
+        if mode == "uncertainty":
+            self.log_var = nn.Parameter(torch.zeros(len(weights), device=device))
+            self.register_buffer("scale", torch.tensor([1.0 if b else 0.5 for b in binary], device=device),
+                                 persistent=False)
+        elif mode == "gradnorm":
+            self.task_weights = nn.Parameter(w * len(weights) / w.sum())
+            # first step's losses, the reference of each task's training rate (kept in checkpoints)
+            self.register_buffer("initial", torch.zeros(len(weights), device=device))
+
+    def weights(self) -> torch.Tensor:
+        """[T] the current multiplier of each task's loss (detached)."""
+        if self.mode == "uncertainty":
+            return (self.fixed * self.scale * torch.exp(-self.log_var)).detach()
+        if self.mode == "gradnorm":
+            w = self.task_weights.detach().clamp(min=1e-6)
+            return w * self.num_tasks / w.sum()
+        return self.fixed
+
+    def forward(self, losses: torch.Tensor, shared_weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self.mode == "uncertainty":
+            return (self.fixed * (self.scale * torch.exp(-self.log_var) * losses + 0.5 * self.log_var)).sum()
+        if self.mode != "gradnorm":
+            return (self.fixed * losses).sum()
+        if not self.training:
+            return (self.task_weights.detach() * losses).sum()
+        with torch.no_grad():  # the sum to T; positive, however far the last step went
+            self.task_weights.clamp_(min=1e-6)
+            self.task_weights.mul_(self.num_tasks / self.task_weights.sum())
+        norms = torch.stack([  # ||d L_t / d W||, one backward pass to W per task
+            torch.linalg.vector_norm(torch.autograd.grad(losses[t], shared_weight, retain_graph=True,
+                                                         materialize_grads=True)[0])
+            for t in range(self.num_tasks)])
+        g = self.task_weights * norms.detach()  # [T] G_t, differentiable in w only
+        with torch.no_grad():
+            self.initial.copy_(torch.where(self.initial > 0, self.initial, losses))
+            ratio = losses / self.initial.clamp(min=1e-12)
+            target = g.mean() * (ratio / ratio.mean()) ** self.alpha
+        return (self.task_weights.detach() * losses).sum() + (g - target).abs().sum()
 
 
 class MultiTaskTrain(nn.Module):
-    """Batch -> (weighted loss sum, Outputs).
+    """Batch -> (balanced loss, Outputs).
 
     Predictions are probabilities for binary tasks and raw values for regression tasks.
-    Rows of weight 0 (skipped as bad input) add nothing to any loss.
+    Rows of weight 0 (skipped as bad input) add nothing to any loss. The per-task losses
+    become one scalar through `LossBalancer` (`model.loss_balancing`).
     """
 
     def __init__(self, model: MultiTaskModel, tasks: dict[str, TaskConfig]):
         super().__init__()
         self.model = model
         device = next(model.head.parameters()).device
-        self.register_buffer("loss_weights", torch.tensor([t.weight for t in tasks.values()],
-                                                          device=device), persistent=False)
         self.register_buffer("binary", torch.tensor([t.type == "binary" for t in tasks.values()],
                                                     device=device), persistent=False)
+        self.balancer = LossBalancer(model.cfg.loss_balancing, [t.weight for t in tasks.values()],
+                                     [t.type == "binary" for t in tasks.values()],
+                                     model.cfg.gradnorm_alpha, device)
+        self.gradnorm = model.cfg.loss_balancing == "gradnorm"
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, Outputs]:
         logits, gates = self.model(batch.dense, batch.sparse_features)
@@ -106,7 +227,7 @@ class MultiTaskTrain(nn.Module):
         w = batch.weights.unsqueeze(1)
         losses = (per_row * w).sum(0) / w.sum().clamp(min=1.0)  # [T]
         preds = torch.where(self.binary, logits.sigmoid(), logits)
-        loss = (losses * self.loss_weights).sum()
+        loss = self.balancer(losses, self.model.head.shared_weight if self.gradnorm else None)
         return loss, Outputs(losses.detach(), preds.detach(), batch.labels, batch.weights,
                              _gate_stats(gates.detach(), w) if gates is not None else None,
                              batch.row_ids)

@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from app.checks import DataError
+
 if TYPE_CHECKING:  # app.data imports torch; the pool's workers do not need it
     from app.data import Schema
 
@@ -75,7 +77,8 @@ class _Truth:
         self.bias = rng.normal(-0.5, 0.3, size=t)
         self.signal = spec.signal
 
-    def logits(self, dense: np.ndarray, ids: list[np.ndarray], lengths: list[np.ndarray | None]) -> np.ndarray:
+    def logits(self, dense: np.ndarray, ids: list[np.ndarray],
+               lengths: list[np.ndarray | None]) -> np.ndarray:
         """dense [N, D], per column ids (concatenated lists) and lengths (None: one id a row)."""
         z = dense @ self.dense_w.T + self.bias  # [N, T]
         for eff, v, ln in zip(self.effects, ids, lengths):
@@ -147,13 +150,15 @@ def _tsv_table(spec: SyntheticSpec, c: _Chunk, rng: np.random.Generator) -> pa.T
     the hidden ids)."""
     n, num_cat = len(c.dense), len(spec.cardinalities)
     missing = rng.random((n, spec.num_dense + num_cat)) < spec.missing if spec.missing else None
-    cols: dict[str, pa.Array] = {t: pa.array(c.labels[:, k].astype(np.int8)) for k, t in enumerate(spec.tasks)}
+    cols: dict[str, pa.Array] = {t: pa.array(c.labels[:, k].astype(np.int8))
+                                 for k, t in enumerate(spec.tasks)}
     counts = np.floor(np.expm1(np.maximum(1.5 * (c.dense.astype(np.float64) + 1.5), 0))).astype(np.int64)
     for i in range(spec.num_dense):
         mask = None if missing is None else missing[:, i]
         cols[f"d{i}"] = pa.array(counts[:, i], mask=mask)
     for i, v in enumerate(c.ids):
-        scrambled = (v.astype(np.uint64) * np.uint64(2654435761) + np.uint64((0x9E3779B1 * (i + 1)) & 0xFFFFFFFF)) & np.uint64(0xFFFFFFFF)
+        salt = np.uint64((0x9E3779B1 * (i + 1)) & 0xFFFFFFFF)
+        scrambled = (v.astype(np.uint64) * np.uint64(2654435761) + salt) & np.uint64(0xFFFFFFFF)
         cols[f"c{i}"] = hex_strings(scrambled, None if missing is None else missing[:, spec.num_dense + i])
     return pa.table(cols)
 
@@ -199,20 +204,23 @@ def _write_file(spec: SyntheticSpec, split: str, index: int, rows: int, path: Pa
 def _write_all(out: Path, spec: SyntheticSpec, fmt: str, workers: int, gzip: bool = False) -> dict:
     """Every split's files, through a pool of `workers` processes; returns the meta."""
     if spec.multi_hot and fmt == "tsv":
-        raise ValueError("multi-hot columns have no Criteo TSV form; write Parquet instead")
+        raise DataError("multi-hot columns have no Criteo TSV form; write Parquet instead")
     jobs = []
     for split, rows in spec.rows.items():
         (out / split).mkdir(parents=True, exist_ok=True)
+        for old in (out / split).glob("part-*"):  # a larger earlier set must not leave files behind
+            old.unlink()
         files = max(1, min(spec.files_per_split, rows))
         bounds = np.linspace(0, rows, files + 1).astype(int)
         suffix = ".parquet" if fmt == "parquet" else ".tsv.gz" if gzip else ".tsv"
         for f in range(files):
-            jobs.append((spec, split, f, int(bounds[f + 1] - bounds[f]), out / split / f"part-{f:05d}{suffix}",
-                         fmt, math.ceil(spec.auc_rows / files)))
+            jobs.append((spec, split, f, int(bounds[f + 1] - bounds[f]),
+                         out / split / f"part-{f:05d}{suffix}", fmt, math.ceil(spec.auc_rows / files)))
     if workers > 1 and len(jobs) > 1:
         # fork: the workers need no fresh import of this package (and `python -m app` runs the
         # CLI on import, which a spawned worker would repeat)
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork")) as pool:
+        fork = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=fork) as pool:
             results = list(pool.map(_write_file, *zip(*jobs)))
     else:
         results = [_write_file(*job) for job in jobs]

@@ -250,7 +250,8 @@ def train(cfg: Config) -> dict:
             end = _next_boundary(step, total, cfg.train.eval_every, cfg.train.checkpoint_every)
             feed = Feed(batches, end - step)
             _seed_segment(cfg, env, step)
-            start_time, start_step, log_time = time.perf_counter(), step, time.perf_counter()
+            start_time = log_time = time.perf_counter()
+            start_step = log_step = step
             for out in run_pipeline(pipeline, feed):
                 if cfg.train.gate_stats:
                     train_metrics.update(out.losses, out.gates)
@@ -260,14 +261,14 @@ def train(cfg: Config) -> dict:
                 bar.update()
                 if step % cfg.train.log_every == 0:
                     now = time.perf_counter()
-                    rate = cfg.train.log_every * global_batch / (now - log_time)
+                    rate = (step - log_step) * global_batch / (now - log_time)
                     record = {"epoch": position.epoch, "samples_per_sec": rate,
-                              "step_time_ms": 1000 * (now - log_time) / cfg.train.log_every,
+                              "step_time_ms": 1000 * (now - log_time) / (step - log_step),
                               **train_metrics.read(group_mean)}
                     if env.device.type == "cuda":
                         record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
                     log.write(step, record)
-                    last_log, log_time = record, now
+                    last_log, log_time, log_step = record, now, step
                     bar.set_postfix(loss=f"{sum(record[f'train/{t}/loss'] for t in tasks):.4f}",
                                     samples_s=f"{rate:,.0f}")
                     if stop.agreed(env):

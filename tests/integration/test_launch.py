@@ -49,9 +49,10 @@ def test_make_train_gpus_2_runs_two_gloo_ranks(tiny_data, tmp_path):
     args = shlex.join(_train_args(tiny_data, run)[2:])  # the config goes in CONFIG=
     make = ["make", "-n", "-s", "train", "GPUS=2", "CONFIG=configs/debug.toml", f"ARGS={args}"]
     plan = subprocess.run(make, cwd=REPO, capture_output=True, text=True, check=True).stdout
-    (line,) = [ln for ln in plan.splitlines() if "torchrun" in ln]
-    launcher, *rest = shlex.split(line)
-    assert launcher.endswith("torchrun") and rest[:3] == ["--standalone", "--nproc-per-node", "2"], line
+    (line,) = [ln for ln in plan.splitlines() if "torch.distributed.run" in ln]
+    python, module_flag, module, *rest = shlex.split(line)
+    assert (module_flag, module) == ("-m", "torch.distributed.run"), line
+    assert rest[:3] == ["--standalone", "--nproc-per-node", "2"], line
     proc = subprocess.run([*TORCHRUN, *rest], cwd=REPO, env=_cpu_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

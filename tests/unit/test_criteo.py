@@ -77,8 +77,8 @@ def test_gzip_input_gives_the_same_output(tmp_path):
 
 def test_byte_ranges_and_workers_do_not_change_the_rows(tmp_path):
     rng = np.random.default_rng(0)
-    lines = [f"{rng.integers(2)}\t{rng.integers(100)}\t\t{rng.integers(1 << 32):x}\t{rng.integers(50):x}\t{i:x}\n"
-             for i in range(3000)]
+    lines = [f"{rng.integers(2)}\t{rng.integers(100)}\t\t{rng.integers(1 << 32):x}\t"
+             f"{rng.integers(50):x}\t{i:x}\n" for i in range(3000)]
     src = write(tmp_path / "big.tsv", "".join(lines))
     cut = pieces(src, 4096)
     assert len(cut) > 10 and cut[0].start == 0 and cut[-1].end == src.stat().st_size
@@ -97,7 +97,8 @@ def test_byte_ranges_and_workers_do_not_change_the_rows(tmp_path):
 
 def test_output_trains_through_the_reader(tmp_path):
     # two label columns first: click, convert
-    lines = "".join(f"{i % 2}\t{(i // 2) % 2}\t{i % 3}\t{i}\t{i % 7:x}\t{i % 5:x}\t{i:x}\n" for i in range(200))
+    lines = "".join(f"{i % 2}\t{(i // 2) % 2}\t{i % 3}\t{i}\t{i % 7:x}\t{i % 5:x}\t{i:x}\n"
+                    for i in range(200))
     src = write(tmp_path / "train.tsv", lines)
     opts = Options(labels=label_names(2, None), hash_sizes=(10, 10, 64), **SHAPE)
     schema = convert({"train": [src], "test": [write(tmp_path / "t.tsv", lines)]}, tmp_path / "out", opts)

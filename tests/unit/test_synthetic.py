@@ -26,8 +26,10 @@ def test_output_does_not_depend_on_the_worker_count(tmp_path):
         a, b = tables(tmp_path / "one", split), tables(tmp_path / "two", split)
         assert len(a) == 3 and all(x.equals(y) for x, y in zip(a, b))
     assert sum(t.num_rows for t in a) == 1000
-    assert pq.ParquetFile(next((tmp_path / "one" / "train").glob("*.parquet"))).metadata.row_group(0).num_rows == 256
-    other = generate(tmp_path / "other", SyntheticSpec(seed=1, files_per_split=3, row_group_size=256, **SMALL))
+    first = next((tmp_path / "one" / "train").glob("*.parquet"))
+    assert pq.ParquetFile(first).metadata.row_group(0).num_rows == 256
+    other = generate(tmp_path / "other",
+                     SyntheticSpec(seed=1, files_per_split=3, row_group_size=256, **SMALL))
     assert not tables(tmp_path / "other", "train")[0].equals(tables(tmp_path / "one", "train")[0])
 
 

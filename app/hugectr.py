@@ -1,0 +1,669 @@
+"""HugeCTR data: its Parquet splits read in place, its Norm binary files converted.
+
+Parquet, as HugeCTR and NVTabular lay it out. A split is a file list (first line the number
+of files, then one path per line; `_file_list.txt` in a split folder, or any list file named
+as the split) or a folder holding `_metadata.json` next to its Parquet files:
+
+    {"file_stats": [{"file_name": "0.parquet", "num_rows": 199523}, ...],
+     "labels": [{"col_name": "income", "index": 0}, ...], "conts": [...], "cats": [...]}
+
+`index` is the column's position in the Parquet files. Without `schema.json`, the column
+roles come from the metadata of the train split; cardinalities from `data.slot_size_array`
+(in `cats` order) or, without it, from max id + 1 found in the splits. With
+`data.keys_have_offsets`, keys carry HugeCTR's cumulative slot offsets (slot i's keys start
+at the sum of the sizes of slots 0..i-1) and the reader subtracts them.
+
+Norm (removed from HugeCTR in v23.12): a file is a header of eight int64 (error_check,
+number_of_records, label_dim, dense_dim, slot_num, three reserved), then per record
+label_dim + dense_dim float32, and per slot an int32 nnz followed by nnz keys (uint32, or
+int64 with 64-bit keys). With checksums (error_check 1) the header and every record are
+framed as int32 payload length, payload, one byte holding the payload's byte sum mod 256.
+`mmoe data hugectr-norm` writes our Parquet and schema.json from such files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from app.checks import DataError
+
+if TYPE_CHECKING:  # app.data imports torch; the converter imports it only to write schema.json
+    from app.data import Schema
+
+log = logging.getLogger("app")
+
+FILE_LIST = "_file_list.txt"
+METADATA = "_metadata.json"
+HEADER_FIELDS = ("error_check", "number_of_records", "label_dim", "dense_dim", "slot_num")
+HEADER = struct.Struct("<8q")
+INT32 = struct.Struct("<i")
+CHUNK_BYTES = 8 << 20  # Norm bytes parsed at once
+MAX_RECORD_BYTES = 256 << 20  # a record longer than this is taken as a misread length
+LARGE_CARDINALITY = 50_000_000  # beyond this a scanned max id + 1 gets a warning
+
+
+# ---------------------------------------------------------------------------------------
+# Parquet splits read in place
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """`_metadata.json` of one folder: rows per file and (name, column index) per role."""
+
+    path: Path
+    file_rows: dict[str, int]
+    labels: list[tuple[str, int]]
+    dense: list[tuple[str, int]]
+    cats: list[tuple[str, int]]
+
+
+@dataclass(frozen=True)
+class Split:
+    """The Parquet files of a HugeCTR split, in list order, and their folders' metadata."""
+
+    where: Path  # the file list, or the folder
+    files: list[Path]
+    metadata: dict[Path, Metadata]  # by folder; folders without _metadata.json are absent
+
+
+def read_file_list(path: Path) -> list[Path]:
+    """Paths of a HugeCTR file list. Relative paths are taken from the list's folder or the
+    nearest parent that has them (HugeCTR resolves them from the folder it runs in)."""
+    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    if not lines or not lines[0].isdigit():
+        raise DataError(f"{path}: a file list starts with the number of files, then one path "
+                        f"per line; got {lines[0][:60]!r} as its first line" if lines else
+                        f"{path}: empty file list")
+    count, names = int(lines[0]), lines[1:]
+    if count != len(names):
+        raise DataError(f"{path}: first line says {count} files but {len(names)} paths follow; "
+                        f"fix the count")
+    return [_resolve(path, Path(name)) for name in names]
+
+
+def _resolve(file_list: Path, name: Path) -> Path:
+    if name.is_absolute():
+        if not name.is_file():
+            raise DataError(f"{file_list}: listed file {name} does not exist")
+        return name
+    here = file_list.resolve().parent
+    for base in (here, *here.parents):
+        if (base / name).is_file():
+            return base / name
+    raise DataError(f"{file_list}: listed file {name} is not under {here} or any of its parents; "
+                    f"write its absolute path or a path relative to the list")
+
+
+def read_metadata(path: Path) -> Metadata:
+    try:
+        raw = json.loads(path.read_text())
+        rows = {str(s["file_name"]): int(s["num_rows"]) for s in raw["file_stats"]}
+        roles = {key: [(str(c["col_name"]), int(c["index"])) for c in raw.get(key, [])]
+                 for key in ("labels", "conts", "cats")}
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: malformed HugeCTR metadata ({e!r}); it needs file_stats "
+                        f"[{{file_name, num_rows}}] and labels/conts/cats [{{col_name, index}}]") from e
+    return Metadata(path, rows, roles["labels"], roles["conts"], roles["cats"])
+
+
+def find_split(dataset: str | Path, split: str) -> Split | None:
+    """The split as HugeCTR lays it out, or None when `dataset/split` is not such a split."""
+    target = Path(dataset) / split
+    if target.is_file():
+        where, files = target, read_file_list(target)
+    elif (target / FILE_LIST).is_file():
+        where, files = target / FILE_LIST, read_file_list(target / FILE_LIST)
+    elif (target / METADATA).is_file():
+        where, files = target, sorted(target.glob("*.parquet"))
+    else:
+        return None
+    if not files:
+        raise DataError(f"{where}: no Parquet files for split {split!r}")
+    folders = {f.parent for f in files} | ({target} if target.is_dir() else set())
+    metadata = {d: read_metadata(d / METADATA) for d in folders if (d / METADATA).is_file()}
+    return Split(where, files, metadata)
+
+
+def check_row_counts(split: Split) -> None:
+    """Each file's rows against its folder's `file_stats`; unreadable files are left to the
+    reader's footer checks, which name them."""
+    for path in split.files:
+        meta = split.metadata.get(path.parent)
+        if meta is None:
+            continue
+        expected = meta.file_rows.get(path.name, meta.file_rows.get(str(path)))
+        if expected is None:
+            listed = ", ".join(list(meta.file_rows)[:5]) + (", ..." if len(meta.file_rows) > 5 else "")
+            raise DataError(f"{path}: not in the file_stats of {meta.path} (which lists {listed}); "
+                            f"regenerate the metadata or drop the file from {split.where}")
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except (pa.ArrowInvalid, OSError):
+            continue
+        if rows != expected:
+            raise DataError(f"{path}: {rows} rows but {meta.path} file_stats says {expected}; the "
+                            f"file changed after the metadata was written: regenerate the metadata")
+
+
+def slot_offsets(sizes: list[int]) -> list[int]:
+    """Offset of slot i's keys: the sum of the sizes of the slots before it."""
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist() if sizes else []
+
+
+def derive_schema(dataset: str | Path, splits: list[str], slot_size_array: list[int],
+                  keys_have_offsets: bool) -> tuple["Schema", str]:
+    """Column roles of a HugeCTR dataset without schema.json, from its first split's metadata.
+
+    Names are those of the Parquet columns at each metadata index (the reader selects by
+    name); cardinalities come from `slot_size_array` or a scan of every split in `splits`.
+    """
+    from app.data import Schema
+
+    found = [(s, find_split(dataset, s)) for s in splits]
+    if not found or found[0][1] is None:
+        first = Path(dataset) / (splits[0] if splits else "")
+        raise DataError(f"{dataset}: no schema.json, and {first} is neither a HugeCTR file list nor a "
+                        f"folder with {FILE_LIST} or {METADATA}; prepare the data set (`mmoe data ...`) "
+                        f"or point data.path at HugeCTR's data folder")
+    split = found[0][1]
+    first = split.files[0]
+    meta = split.metadata.get(first.parent)
+    if meta is None:
+        raise DataError(f"{first.parent}: no {METADATA} next to the Parquet files of {split.where}, "
+                        f"and no schema.json in {dataset}: one of them must give the column roles")
+    try:
+        arrow = pq.read_schema(first)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{first}: not a readable Parquet file ({e})") from e
+    renamed: list[str] = []
+
+    def names(entries: list[tuple[str, int]]) -> list[str]:
+        out = []
+        for name, index in entries:
+            if not 0 <= index < len(arrow.names):
+                raise DataError(f"{meta.path}: column {name!r} has index {index}, but {first} has "
+                                f"{len(arrow.names)} columns")
+            if arrow.names[index] != name:
+                renamed.append(f"{name}->{arrow.names[index]}")
+            out.append(arrow.names[index])
+        return out
+
+    labels, dense, cats = names(meta.labels), names(meta.dense), names(meta.cats)
+    if renamed:
+        log.warning("%s: metadata names differ from the Parquet columns at their index (%s); the "
+                    "reader uses the Parquet names: use them in the config", meta.path,
+                    ", ".join(renamed[:6]) + (", ..." if len(renamed) > 6 else ""))
+    if keys_have_offsets and not slot_size_array:
+        raise DataError("data.keys_have_offsets needs data.slot_size_array: a slot's offset is the sum "
+                        "of the sizes of the slots before it")
+    if slot_size_array:
+        if len(slot_size_array) != len(cats):
+            raise DataError(f"data.slot_size_array has {len(slot_size_array)} sizes but {meta.path} "
+                            f"lists {len(cats)} categorical columns (cats); give one size per column")
+        if min(slot_size_array) < 1:
+            raise DataError(f"data.slot_size_array {slot_size_array}: every size must be at least 1")
+        sizes = list(slot_size_array)
+    else:
+        sizes = _scan_cardinalities([s for _, s in found if s is not None], cats)
+        log.warning("%s: no schema.json and no data.slot_size_array: cardinalities are max id + 1 "
+                    "from a scan of splits %s: %s", dataset, ", ".join(s for s, v in found if v),
+                    sizes)
+    if keys_have_offsets:
+        for name in cats:
+            tp = arrow.field(name).type
+            if not pa.types.is_integer(tp.value_type if pa.types.is_list(tp) else tp):
+                raise DataError(f"{first}: column {name!r} is {tp}; data.keys_have_offsets needs "
+                                f"integer keys")
+    multi_hot = [c for c in cats if pa.types.is_list(arrow.field(c).type)
+                 or pa.types.is_large_list(arrow.field(c).type)]
+    schema = Schema(labels=labels, dense=dense, categorical=dict(zip(cats, sizes)),
+                    multi_hot=multi_hot, meta={"source": f"HugeCTR split {split.where}"},
+                    offsets=dict(zip(cats, slot_offsets(sizes))) if keys_have_offsets else {})
+    return schema, str(meta.path)
+
+
+def _scan_cardinalities(splits: list[Split], cats: list[str]) -> list[int]:
+    """max id + 1 per column over every file: footer statistics, or the values where a
+    writer stored none."""
+    top = dict.fromkeys(cats, -1)
+    for split in splits:
+        for path in split.files:
+            meta = pq.ParquetFile(path).metadata
+            leaves = {meta.schema.column(j).path.split(".")[0]: j for j in range(meta.num_columns)}
+            unbounded = []
+            for name in cats:
+                stats = [meta.row_group(i).column(leaves[name]).statistics
+                         for i in range(meta.num_row_groups)] if name in leaves else []
+                if stats and all(s is not None and s.has_min_max and isinstance(s.max, int)
+                                 for s in stats):
+                    top[name] = max(top[name], *(s.max for s in stats))
+                elif name in leaves:
+                    unbounded.append(name)
+            if unbounded:
+                table = pq.read_table(path, columns=unbounded)
+                for name in unbounded:
+                    col = table.column(name)
+                    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                        col = pc.list_flatten(col)
+                    high = pc.max(col).as_py()
+                    if isinstance(high, int):
+                        top[name] = max(top[name], high)
+    return [max(top[c] + 1, 1) for c in cats]
+
+
+# ---------------------------------------------------------------------------------------
+# Norm files -> Parquet
+
+
+@dataclass(frozen=True)
+class NormLayout:
+    label_dim: int
+    dense_dim: int
+    slot_num: int
+    i64_keys: bool
+    checksum: bool | None  # None: as each file's header says
+
+    @property
+    def key_dtype(self) -> np.dtype:
+        return np.dtype("<i8") if self.i64_keys else np.dtype("<u4")
+
+    @property
+    def floats(self) -> int:
+        return self.label_dim + self.dense_dim
+
+
+@dataclass
+class Records:
+    """Decoded records of one chunk: floats [n, label_dim + dense_dim]; per slot (nnz, keys)."""
+
+    first: int  # index of the first record in its file
+    floats: np.ndarray
+    slots: list[tuple[np.ndarray, np.ndarray]]
+
+
+def read_header(path: Path, f, layout: NormLayout) -> tuple[bool, int]:
+    """Checks a file's header against the layout; returns (checksummed, number of records)."""
+    head = f.read(HEADER.size + 5)
+    if len(head) < HEADER.size:
+        raise DataError(f"{path}: {len(head)} bytes, shorter than the 64-byte Norm header")
+    # a checksummed header is framed: int32 length 64, the header, its check byte
+    framed = INT32.unpack_from(head)[0] == HEADER.size and len(head) == HEADER.size + 5 \
+        and HEADER.unpack_from(head, 4)[0] == 1
+    values = HEADER.unpack_from(head, 4 if framed else 0)
+    fields = dict(zip(HEADER_FIELDS, values))
+    if not framed and fields["error_check"] != 0:
+        raise DataError(f"{path}: not a Norm file: header error_check is {fields['error_check']} "
+                        f"(0 without checksums, 1 with)")
+    if layout.checksum is not None and layout.checksum != framed:
+        given, fix = ("--checksum", "--no-checksum") if layout.checksum else ("--no-checksum", "--checksum")
+        raise DataError(f"{path}: header error_check is {int(framed)} ({'with' if framed else 'no'} "
+                        f"checksums) but {given} was given; pass {fix}")
+    if framed and sum(head[4:4 + HEADER.size]) % 256 != head[4 + HEADER.size]:
+        raise DataError(f"{path}: header checksum does not match; the file is corrupt")
+    for name, flag in (("label_dim", layout.label_dim), ("dense_dim", layout.dense_dim),
+                       ("slot_num", layout.slot_num)):
+        if fields[name] != flag:
+            raise DataError(f"{path}: header says {name} {fields[name]} but "
+                            f"--{name.replace('_', '-')} is {flag}; pass --{name.replace('_', '-')} "
+                            f"{fields[name]} if the header is right")
+    if fields["number_of_records"] < 0:
+        raise DataError(f"{path}: header says {fields['number_of_records']} records")
+    f.seek(HEADER.size + 5 if framed else HEADER.size)
+    return framed, fields["number_of_records"]
+
+
+def _gather(u8: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
+    """[n, width] bytes starting at each of `starts`."""
+    return u8[starts[:, None] + np.arange(width)]
+
+
+def _framed_bounds(buf: bytes, limit: int) -> tuple[list[int], list[int], int]:
+    """Payload starts and lengths of the complete checksummed records at the start of `buf`
+    (at most `limit`), and the bytes they take."""
+    starts, lengths, pos, end = [], [], 0, len(buf)
+    unpack = INT32.unpack_from
+    while len(starts) < limit and pos + 4 <= end:
+        (n,) = unpack(buf, pos)
+        if not 0 < n <= MAX_RECORD_BYTES:
+            starts.append(pos + 4)  # reported by the caller as a bad length
+            lengths.append(n)
+            return starts, lengths, pos
+        if pos + 5 + n > end:
+            break
+        starts.append(pos + 4)
+        lengths.append(n)
+        pos += 5 + n
+    return starts, lengths, pos
+
+
+def _plain_bounds(buf: bytes, layout: NormLayout, limit: int) -> tuple[list[int], int]:
+    """Starts of the complete records at the start of `buf` (no checksums, so no lengths:
+    walk the nnz fields). Runs of records shaped like the first one are found vectorized."""
+    u8 = np.frombuffer(buf, np.uint8)
+    ks, head = layout.key_dtype.itemsize, 4 * layout.floats
+    starts: list[int] = []
+    pos, end = 0, len(buf)
+    while len(starts) < limit:
+        p, nnz = pos + head, []
+        for _ in range(layout.slot_num):
+            if p + 4 > end:
+                return starts, pos
+            (n,) = INT32.unpack_from(buf, p)
+            if not 0 <= n <= MAX_RECORD_BYTES // ks:
+                raise _BadRecord(len(starts), f"slot {len(nnz)} has nnz {n}")
+            nnz.append(n)
+            p += 4 + n * ks
+        if p > end:
+            return starts, pos
+        starts.append(pos)
+        size, pos = p - pos, p
+        # records after this one with the same nnz in every slot start every `size` bytes
+        fit = min((end - pos) // size, limit - len(starts))
+        if fit > 0:
+            at = pos + size * np.arange(fit)
+            field = head + np.concatenate([[0], np.cumsum(4 + np.array(nnz[:-1]) * ks)]).astype(int) \
+                if nnz else np.zeros(0, int)
+            same = np.ones(fit, bool)
+            for k, off in enumerate(field):
+                same &= _gather(u8, at + off, 4).view("<i4").ravel() == nnz[k]
+            run = int(np.argmin(same)) if not same.all() else fit
+            starts.extend((at[:run]).tolist())
+            pos += run * size
+    return starts, pos
+
+
+class _BadRecord(Exception):
+    def __init__(self, index: int, what: str):
+        super().__init__(what)
+        self.index, self.what = index, what
+
+
+def _decode(u8: np.ndarray, starts: np.ndarray, ends: np.ndarray | None, layout: NormLayout
+            ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """Fields of the records at `starts`, slot by slot across all records at once. `ends`
+    (checksummed files): where each payload must end; the first record that breaks it raises."""
+    n = len(starts)
+    floats = _gather(u8, starts, 4 * layout.floats).view("<f4") if layout.floats \
+        else np.zeros((n, 0), np.float32)
+    ks, dtype = layout.key_dtype.itemsize, layout.key_dtype
+    pos, slots = starts + 4 * layout.floats, []
+    broken: dict[int, str] = {}  # record -> what broke first; its later fields are not read
+    ok = np.ones(n, bool)
+
+    def drop(mask: np.ndarray, what) -> None:
+        for i in np.flatnonzero(mask & ok)[:1]:
+            broken.setdefault(int(i), what(int(i)))
+        ok[mask] = False
+
+    for k in range(layout.slot_num):
+        if ends is not None:
+            drop(pos + 4 > ends, lambda i: f"slot {k}'s nnz lies past the record's end")
+        nnz = np.where(ok, _gather(u8, np.where(ok, pos, 0), 4).view("<i4").ravel(), 0).astype(np.int64)
+        drop(nnz < 0, lambda i: f"slot {k} has nnz {nnz[i]}")
+        if ends is not None:
+            drop(pos + 4 + nnz * ks > ends, lambda i: f"slot {k}'s {nnz[i]} keys run past the record's end")
+        nnz[~ok] = 0
+        total = int(nnz.sum())
+        rec = np.repeat(np.arange(n), nnz)
+        within = np.arange(total) - np.repeat(np.cumsum(nnz) - nnz, nnz)
+        keys = _gather(u8, pos[rec] + 4 + within * ks, ks).view(dtype).ravel() if total \
+            else np.zeros(0, dtype)
+        slots.append((nnz, keys.astype(np.int64)))
+        pos = pos + 4 + nnz * ks
+    if ends is not None:
+        drop(pos != ends, lambda i: f"fields take {pos[i] - starts[i]} bytes of a "
+                                    f"{ends[i] - starts[i]}-byte payload")
+    if broken:
+        first = min(broken)
+        raise _BadRecord(first, broken[first])
+    return floats, slots
+
+
+def read_norm(path: Path, layout: NormLayout, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Records]:
+    """Streams the records of one Norm file, `chunk_bytes` at a time, checking framing,
+    checksums and the header's record count."""
+    with open(path, "rb") as f:
+        framed, total = read_header(path, f, layout)
+        hint = " (is --i64-keys right?)" if framed else \
+            " (no checksums: a wrong --label-dim/--dense-dim/--slot-num or --i64-keys misreads " \
+            "everything after it)"
+        buf, done, eof = b"", 0, False
+        while not eof:
+            more = f.read(max(chunk_bytes, len(buf)))  # doubles the buffer for a long record
+            eof = not more
+            buf += more
+            try:
+                if framed:
+                    s, n, used = _framed_bounds(buf, total - done)
+                    if s and not 0 < n[-1] <= MAX_RECORD_BYTES:
+                        raise _BadRecord(len(s) - 1, f"record length {n[-1]}")
+                    starts, ends = np.array(s, np.int64), np.array(s, np.int64) + np.array(n, np.int64)
+                else:
+                    s, used = _plain_bounds(buf, layout, total - done)
+                    starts, ends = np.array(s, np.int64), None
+                if not len(starts):
+                    if eof and buf:
+                        break
+                    continue
+                u8 = np.frombuffer(buf, np.uint8)
+                floats, slots = _decode(u8, starts, ends, layout)
+                if framed:
+                    idx = np.stack([starts, ends], axis=1).ravel()
+                    sums = np.add.reduceat(u8, idx, dtype=np.uint64)[::2] % 256
+                    if (bad := np.flatnonzero(sums != u8[ends])).size:
+                        i = int(bad[0])
+                        raise DataError(f"{path}: record {done + i}: checksum byte {u8[ends[i]]} but "
+                                        f"the payload sums to {int(sums[i])} (mod 256); the file is "
+                                        f"corrupt from there")
+            except _BadRecord as e:
+                raise DataError(f"{path}: record {done + e.index}: {e.what}; the file does not match "
+                                f"the layout{hint}") from None
+            yield Records(done, floats, slots)
+            done += len(starts)
+            buf = buf[used:]
+            if done == total:
+                break
+        left = len(buf) + len(f.read(1))
+        if done < total:
+            raise DataError(f"{path}: header says {total} records but the file ends after {done} "
+                            f"({left} bytes of a partial record left){hint}")
+        if left:
+            raise DataError(f"{path}: {left}+ bytes after the {total} records the header announces"
+                            f"{hint}")
+
+
+@dataclass
+class SlotStats:
+    single_hot: bool = True  # every row has exactly one key
+    max_id: int = -1
+
+
+def _slot_ids(keys: np.ndarray, nnz: np.ndarray, k: int, sizes: list[int], offsets: list[int],
+              path: Path, first: int) -> np.ndarray:
+    ids = keys - offsets[k] if offsets else keys
+    bad = (ids < 0) | (ids >= sizes[k]) if sizes else ids < 0
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        row = first + int(np.searchsorted(np.cumsum(nnz), j, side="right"))
+        rng = f"[{offsets[k] if offsets else 0}, {(offsets[k] if offsets else 0) + sizes[k]})" \
+            if sizes else "[0, 2^63)"
+        raise DataError(f"{path}: record {row}, slot {k}: key {int(keys[j])} is outside {rng}; "
+                        f"check --slot-size-array and --keys-have-offsets")
+    return ids
+
+
+def convert_norm(file_list: str | Path, out: str | Path, split: str, layout: NormLayout, *,
+                 slot_sizes: list[int] | None = None, keys_have_offsets: bool = False,
+                 label_names: list[str] | None = None, row_group_size: int = 65_536,
+                 force: bool = False, chunk_bytes: int = CHUNK_BYTES) -> "Schema":
+    """Norm files of one split -> `out/split/part-<i>.parquet` (one per input file) and
+    `out/schema.json` (merged with the one another split wrote)."""
+    from app.data import SCHEMA_FILE, Schema
+
+    out, sizes = Path(out), list(slot_sizes or [])
+    labels = list(label_names or [f"label{i}" for i in range(layout.label_dim)])
+    dense = [f"d{i}" for i in range(layout.dense_dim)]
+    cats = [f"c{i}" for i in range(layout.slot_num)]
+    if len(labels) != layout.label_dim or len(set(labels)) != len(labels) or set(labels) & {*dense, *cats}:
+        raise DataError(f"--label-names {labels}: give {layout.label_dim} distinct names, none of "
+                        f"d0.., c0..")
+    if sizes and (len(sizes) != layout.slot_num or min(sizes) < 1):
+        raise DataError(f"--slot-size-array {sizes}: give {layout.slot_num} sizes of at least 1")
+    if keys_have_offsets and not sizes:
+        raise DataError("--keys-have-offsets needs --slot-size-array: a slot's offset is the sum of "
+                        "the sizes of the slots before it")
+    offsets = slot_offsets(sizes) if keys_have_offsets else []
+    files = read_file_list(Path(file_list))
+    folder = out / split
+    if folder.exists() and any(folder.iterdir()):
+        if not force:
+            raise DataError(f"{folder} is not empty; pass --force to replace split {split!r}")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stats = [SlotStats() for _ in cats]
+    written, rows, start = [], 0, time.perf_counter()
+    for i, path in enumerate(files):
+        target = folder / f"part-{i}.parquet"
+        with _RowGroupWriter(target, row_group_size) as writer:
+            for rec in read_norm(path, layout, chunk_bytes):
+                cols: dict[str, pa.Array] = {}
+                for j, name in enumerate([*labels, *dense]):
+                    cols[name] = pa.array(np.ascontiguousarray(rec.floats[:, j]))
+                for k, (nnz, keys) in enumerate(rec.slots):
+                    ids = _slot_ids(keys, nnz, k, sizes, offsets, path, rec.first)
+                    stats[k].single_hot &= bool((nnz == 1).all())
+                    if len(ids):
+                        stats[k].max_id = max(stats[k].max_id, int(ids.max()))
+                    bounds = np.concatenate([[0], np.cumsum(nnz)]).astype(np.int32)
+                    cols[cats[k]] = pa.ListArray.from_arrays(pa.array(bounds), pa.array(ids))
+                writer.write(pa.table(cols))
+                rows += len(rec.floats)
+        if target.exists():  # a file of no records writes none
+            written.append(target)
+    single = [c for c, s in zip(cats, stats) if s.single_hot]
+    if single:
+        for target in written:
+            _narrow(target, single)
+    seconds = time.perf_counter() - start
+    cardinality = sizes or [s.max_id + 1 for s in stats]
+    for name, card in zip(cats, cardinality):
+        if not sizes and card > LARGE_CARDINALITY:
+            log.warning("%s: max id + 1 is %s, a large table; if the keys carry slot offsets, pass "
+                        "--slot-size-array and --keys-have-offsets", name, f"{card:,}")
+    schema = Schema(labels=labels, dense=dense, categorical=dict(zip(cats, [max(c, 1) for c in cardinality])),
+                    multi_hot=[c for c in cats if c not in single],
+                    meta={"source": f"HugeCTR Norm files of {file_list}", "rows": {split: rows}})
+    if (out / SCHEMA_FILE).exists():
+        schema = _merge(Schema.load(out), schema, out, split)
+    schema.save(out)
+    print(f"hugectr-norm {split}: {rows:,} rows from {len(files)} files in {seconds:.1f}s "
+          f"({rows / max(seconds, 1e-9):,.0f} rows/s) -> {folder}")
+    return schema
+
+
+class _RowGroupWriter:
+    """Appends tables to one Parquet file in row groups of exactly `size` rows (the last
+    one shorter)."""
+
+    def __init__(self, path: Path, size: int):
+        self.path, self.size = path, size
+        self.pending: list[pa.Table] = []
+        self.rows, self.writer = 0, None
+
+    def __enter__(self):
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.rows += table.num_rows
+        while self.rows >= self.size:
+            self._flush(self.size)
+
+    def _flush(self, n: int) -> None:
+        table = pa.concat_tables(self.pending)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema)
+        self.writer.write_table(table.slice(0, n), row_group_size=n)
+        rest = table.slice(n)
+        self.pending, self.rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None and self.rows:
+            self._flush(self.rows)
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _narrow(path: Path, columns: list[str]) -> None:
+    """Rewrites single-hot list columns (one id per row) as plain int64 columns."""
+    source = pq.ParquetFile(path)
+    tmp = path.with_suffix(".tmp")
+    writer = None
+    for i in range(source.num_row_groups):
+        table = source.read_row_group(i)
+        for name in columns:
+            table = table.set_column(table.schema.get_field_index(name), name,
+                                     pc.list_flatten(table.column(name)))
+        writer = writer or pq.ParquetWriter(tmp, table.schema)
+        writer.write_table(table, row_group_size=table.num_rows)
+    if writer is not None:
+        writer.close()
+        tmp.replace(path)
+
+
+def _merge(old: "Schema", new: "Schema", out: Path, split: str) -> "Schema":
+    """One schema for splits converted one at a time: the larger cardinality of each column."""
+    if (old.labels, old.dense, list(old.categorical)) != (new.labels, new.dense, list(new.categorical)):
+        raise DataError(f"{out}/schema.json has labels {old.labels}, dense {old.dense} and "
+                        f"{len(old.categorical)} slots, but split {split!r} has {new.labels}, "
+                        f"{new.dense} and {len(new.categorical)}; convert it into another --out")
+    old.categorical = {c: max(n, new.categorical[c]) for c, n in old.categorical.items()}
+    old.multi_hot = [c for c in old.categorical if c in old.multi_hot or c in new.multi_hot]
+    old.meta.setdefault("rows", {})[split] = new.meta["rows"][split]
+    return old
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.replace(" ", "").split(",") if v]
+
+
+def add_data_command(sub) -> None:
+    p = sub.add_parser("hugectr-norm", help="HugeCTR Norm binary files (a file list) -> Parquet",
+                       description=convert_norm.__doc__)
+    p.add_argument("--file-list", required=True, help="HugeCTR file list: the count, then one path a line")
+    p.add_argument("--label-dim", type=int, required=True)
+    p.add_argument("--dense-dim", type=int, required=True)
+    p.add_argument("--slot-num", type=int, required=True)
+    p.add_argument("--i64-keys", action="store_true", help="int64 keys (HugeCTR's i64_input_key)")
+    p.add_argument("--slot-size-array", type=_ints, help="N0,N1,...: rows per slot's table; "
+                   "default: max id + 1 of the converted split")
+    p.add_argument("--keys-have-offsets", action="store_true",
+                   help="keys carry cumulative slot offsets (needs --slot-size-array)")
+    p.add_argument("--checksum", action=argparse.BooleanOptionalAction, default=None,
+                   help="require (--checksum) or forbid (--no-checksum) checksummed files; "
+                        "default: as each header says")
+    p.add_argument("--label-names", type=lambda s: s.split(","), help="default: label0,label1,...")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", required=True, help="split folder to write, e.g. train or test")
+    p.add_argument("--row-group-size", type=int, default=65_536)
+    p.add_argument("--force", action="store_true", help="replace the split if present")
+
+    def run(args) -> None:
+        layout = NormLayout(args.label_dim, args.dense_dim, args.slot_num, args.i64_keys, args.checksum)
+        convert_norm(args.file_list, args.out, args.split, layout, slot_sizes=args.slot_size_array,
+                     keys_have_offsets=args.keys_have_offsets, label_names=args.label_names,
+                     row_group_size=args.row_group_size, force=args.force)
+
+    p.set_defaults(run=run)

@@ -1,0 +1,212 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from app.config import ConfigError, ModelConfig, TaskConfig, load_config
+from app.data import Columns, Schema, arrow_to_batch
+from app.model import LossBalancer, MultiTaskModel, MultiTaskTrain, SparseArch, apply_chains, chain_order
+
+# --- ESMM-style chains ----------------------------------------------------------------------
+
+
+def test_chain_order_puts_each_task_after_its_factor():
+    tasks = {"buy": TaskConfig(multiply_by="cart"), "click": TaskConfig(),
+             "cart": TaskConfig(multiply_by="click")}
+    assert chain_order(tasks) == [(2, 1), (0, 2)]  # cart = cart tower x click, then buy = buy tower x cart
+
+
+def test_chained_probability_is_the_product():
+    z = torch.randn(64, 3) * 4
+    z[:4] = torch.tensor([[40.0, 40.0, -40.0], [-40.0, 40.0, 40.0], [30.0, -30.0, 0.0], [0.0, 0.0, 0.0]])
+    z.requires_grad_(True)
+    out = apply_chains(z, [(1, 0), (2, 1)], 3)  # p1 = s(z1) s(z0), p2 = s(z2) p1
+    p = torch.sigmoid(z.double())
+    torch.testing.assert_close(out[:, 0], z[:, 0])  # a task with no multiply_by is untouched
+    torch.testing.assert_close(torch.sigmoid(out[:, 1]).double(), p[:, 0] * p[:, 1], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(torch.sigmoid(out[:, 2]).double(), p[:, 0] * p[:, 1] * p[:, 2],
+                               atol=1e-6, rtol=1e-4)
+    labels = (torch.rand(64, 3) < 0.5).float()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(out, labels)
+    loss.backward()
+    assert torch.isfinite(out).all() and torch.isfinite(loss) and torch.isfinite(z.grad).all()
+
+
+def tiny_columns(tmp_path, labels=("click", "buy")):
+    Schema(labels=list(labels), dense=["d0", "d1"], categorical={"c0": 10, "c1": 7}).save(tmp_path)
+    return Columns.resolve(Schema.load(tmp_path), list(labels), [], [], "test")
+
+
+def tiny_batch(columns, rows=16, seed=0):
+    rng = np.random.default_rng(seed)
+    table = pa.table({"click": rng.integers(0, 2, rows).astype(np.float32),
+                      "buy": rng.integers(0, 2, rows).astype(np.float32),
+                      "d0": rng.normal(size=rows).astype(np.float32),
+                      "d1": rng.normal(size=rows).astype(np.float32),
+                      "c0": rng.integers(0, 10, rows), "c1": rng.integers(0, 7, rows)})
+    return arrow_to_batch(table, columns, np.arange(rows))
+
+
+def cpu_train_module(columns, tasks, cfg, seed=0) -> MultiTaskTrain:
+    """The training module with its tables on the CPU (no sharding), as a test can run it."""
+    torch.manual_seed(seed)
+    model = MultiTaskModel(columns, tasks, cfg)
+    torch.manual_seed(seed + 1)
+    model.sparse = SparseArch(columns, cfg.embedding_dim, device="cpu")
+    return MultiTaskTrain(model, tasks)
+
+
+CFG = ModelConfig(embedding_dim=4, num_experts=2, expert_layers=[8], tower_layers=[4])
+
+
+def test_outputs_apply_the_product(tmp_path):
+    """p(buy) = p(click) x the buy tower's probability, for the same weights."""
+    columns = tiny_columns(tmp_path)
+    batch = tiny_batch(columns)
+    plain = cpu_train_module(columns, {"click": TaskConfig(), "buy": TaskConfig()}, CFG)
+    chained = cpu_train_module(columns, {"click": TaskConfig(), "buy": TaskConfig(multiply_by="click")}, CFG)
+    chained.load_state_dict(plain.state_dict())
+    _, a = plain(batch)
+    loss, b = chained(batch)
+    torch.testing.assert_close(b.preds[:, 0], a.preds[:, 0])
+    torch.testing.assert_close(b.preds[:, 1], a.preds[:, 0] * a.preds[:, 1])
+    assert b.losses.shape == (2,) and torch.isfinite(loss)
+    loss.backward()
+
+
+# --- loss balancing -------------------------------------------------------------------------
+
+
+def test_fixed_weights_multiply_the_losses():
+    bal = LossBalancer("fixed", [1.0, 3.0], [True, True], 1.5, "cpu")
+    assert bal(torch.tensor([2.0, 1.0])).item() == 5.0
+    assert list(bal.parameters()) == []
+
+
+def test_uncertainty_gives_a_noisier_task_a_smaller_weight():
+    bal = LossBalancer("uncertainty", [1.0, 1.0, 1.0], [True, True, False], 1.5, "cpu")
+    opt = torch.optim.Adam(bal.parameters(), lr=0.05)
+    losses = torch.tensor([1.0, 10.0, 1.0])
+    torch.testing.assert_close(bal.weights(), torch.tensor([1.0, 1.0, 0.5]))  # regression: 1 / 2
+    for _ in range(300):
+        opt.zero_grad()
+        bal(losses).backward()
+        opt.step()
+    w = bal.weights()
+    assert w[1] < w[0] / 5
+    torch.testing.assert_close(w, 1 / (2 * losses), rtol=0.05, atol=0)  # the optimum: 1 / (2 L)
+
+
+def gradnorm_problem(seed=0):
+    """Two regression tasks on one shared linear layer; task 1's loss is 10x task 0's."""
+    torch.manual_seed(seed)
+    shared = torch.nn.Linear(6, 6)
+    heads = torch.nn.Linear(6, 2)
+    x = torch.randn(128, 6)
+    y = torch.randn(128, 2) * torch.tensor([1.0, 10.0 ** 0.5])
+
+    def losses():
+        return ((heads(torch.relu(shared(x))) - y) ** 2).mean(0)
+    return shared, heads, losses
+
+
+def test_gradnorm_weights_sum_to_the_task_count_and_favour_the_weaker_gradient():
+    shared, heads, losses = gradnorm_problem()
+    bal = LossBalancer("gradnorm", [1.0, 3.0], [False, False], 1.5, "cpu")
+    torch.testing.assert_close(bal.task_weights.detach().sum(), torch.tensor(2.0))  # 1:3 scaled to 2
+    opt = torch.optim.Adam([*shared.parameters(), *heads.parameters(), *bal.parameters()], lr=0.01)
+    for _ in range(60):
+        opt.zero_grad()
+        bal(losses(), shared.weight).backward()
+        torch.testing.assert_close(bal.task_weights.detach().sum(), torch.tensor(2.0))  # renormalized
+        opt.step()
+    assert torch.isclose(bal.weights().sum(), torch.tensor(2.0))
+    w = bal.weights()
+    assert w[1] < 1.0 < w[0], f"the 10x-loss task should weigh less: {w}"
+    assert (bal.initial > 0).all()
+
+
+def test_gradnorm_keeps_its_objective_out_of_the_network():
+    """The network's gradient is that of sum w_t L_t with w constant; w's comes from L_grad only."""
+    shared, heads, losses = gradnorm_problem()
+    bal = LossBalancer("gradnorm", [1.0, 1.0], [False, False], 1.5, "cpu")
+    with torch.no_grad():
+        bal.task_weights.copy_(torch.tensor([0.5, 1.5]))
+    bal(losses(), shared.weight).backward()
+    got = shared.weight.grad.clone()
+    assert bal.task_weights.grad is not None and bal.task_weights.grad.abs().sum() > 0
+    shared.weight.grad = None
+    (torch.tensor([0.5, 1.5]) * losses()).sum().backward()
+    torch.testing.assert_close(got, shared.weight.grad)
+
+
+def test_gradnorm_in_eval_mode_needs_no_gradients():
+    shared, _, losses = gradnorm_problem()
+    bal = LossBalancer("gradnorm", [1.0, 1.0], [False, False], 1.5, "cpu").eval()
+    with torch.no_grad():
+        assert torch.isfinite(bal(losses(), shared.weight))
+    assert (bal.initial == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["uncertainty", "gradnorm"])
+def test_balanced_training_module_steps(tmp_path, mode):
+    """MultiTaskTrain finds the head's shared weight and the balancer's parameters are trained."""
+    columns = tiny_columns(tmp_path)
+    tasks = {"click": TaskConfig(), "buy": TaskConfig(multiply_by="click")}
+    module = cpu_train_module(columns, tasks, ModelConfig(**{**CFG.__dict__, "loss_balancing": mode}))
+    names = [n for n, _ in module.named_parameters() if n.startswith("balancer.")]
+    assert names == ["balancer.log_var" if mode == "uncertainty" else "balancer.task_weights"]
+    opt = torch.optim.Adam([p for n, p in module.named_parameters() if "sparse" not in n], lr=0.01)
+    before = module.balancer.weights().clone()
+    for step in range(3):
+        opt.zero_grad()
+        loss, out = module(tiny_batch(columns, seed=step))
+        loss.backward()
+        opt.step()
+        assert out.losses.shape == (2,) and torch.isfinite(loss)
+    assert not torch.equal(module.balancer.weights(), before)
+
+
+# --- config ---------------------------------------------------------------------------------
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+CHAIN = '[tasks.ctr]\n[tasks.ctcvr]\nmultiply_by = "ctr"\n'
+
+
+def test_chain_and_balancing_config(tmp_path):
+    cfg = load_config(write(tmp_path, CHAIN), ["--model.loss_balancing", "gradnorm", "--model.head", "ple"])
+    assert cfg.tasks["ctcvr"].multiply_by == "ctr" and cfg.model.loss_balancing == "gradnorm"
+    with pytest.raises(ConfigError, match=r"tasks.ctcvr.multiply_by is 'click', which is no task; tasks: ctr, ctcvr"):
+        load_config(write(tmp_path, CHAIN), ["--tasks.ctcvr.multiply_by", "click"])
+    with pytest.raises(ConfigError, match=r"makes a cycle: ctr -> ctcvr -> ctr"):
+        load_config(write(tmp_path, CHAIN), ["--tasks.ctr.multiply_by", "ctcvr"])
+    with pytest.raises(ConfigError, match=r"makes a cycle: ctr -> ctr"):
+        load_config(write(tmp_path, CHAIN), ["--tasks.ctr.multiply_by", "ctr"])
+    with pytest.raises(ConfigError, match=r"'ctr' is a regression task; a product of probabilities"):
+        load_config(write(tmp_path, CHAIN), ["--tasks.ctr.type", "regression"])
+    with pytest.raises(ConfigError, match=r"model.loss_balancing is 'pcgrad'; use one of fixed, uncertainty, gradnorm"):
+        load_config(write(tmp_path, CHAIN), ["--model.loss_balancing", "pcgrad"])
+    with pytest.raises(ConfigError, match=r"model.head is 'mmoe2'; use one of mmoe, omoe, shared_bottom, cgc, ple"):
+        load_config(write(tmp_path, CHAIN), ["--model.head", "mmoe2"])
+    with pytest.raises(ConfigError, match=r"model.num_shared_experts is 0; it must be at least 1"):
+        load_config(write(tmp_path, CHAIN), ["--model.num_shared_experts", "0"])
+    with pytest.raises(ConfigError, match=r"model.gradnorm_alpha is -1.0"):
+        load_config(write(tmp_path, CHAIN), ["--model.gradnorm_alpha", "-1"])
+    with pytest.raises(ConfigError, match=r"'gradnorm' balances several tasks"):
+        load_config(write(tmp_path, "[tasks.ctr]\n"), ["--model.loss_balancing", "gradnorm"])
+    with pytest.raises(ConfigError, match=r"tasks.ctr.weight is 0.0; model.loss_balancing 'uncertainty'"):
+        load_config(write(tmp_path, CHAIN), ["--model.loss_balancing", "uncertainty", "--tasks.ctr.weight", "0"])
+
+
+@pytest.mark.parametrize("name", ["census_omoe", "census_ple", "census_cgc", "census_shared_bottom",
+                                  "synthetic_paper"])
+def test_shipped_head_configs_load(name):
+    cfg = load_config(f"configs/{name}.toml")
+    expected = name.removeprefix("census_") if name.startswith("census_") else "mmoe"
+    assert cfg.model.head == expected
