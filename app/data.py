@@ -138,7 +138,7 @@ class Batch(Pipelineable):
 
     dense: [B, D] float32; sparse_features: KJT with one key per categorical column;
     labels: [B, T] float32 in task order; weights: [B] (0 marks a row skipped as bad);
-    row_ids: [B] int64, the row's index in its split (files sorted, then row order).
+    row_ids: [B] int64, the row's index in its split (files in split order, then row order).
     """
 
     dense: torch.Tensor

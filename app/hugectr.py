@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.ipc  # noqa: F401  (pa.ipc)
 import pyarrow.parquet as pq
 
 from app.checks import DataError
@@ -324,9 +325,19 @@ def read_header(path: Path, f, layout: NormLayout) -> tuple[bool, int]:
     return framed, fields["number_of_records"]
 
 
-def _gather(u8: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
-    """[n, width] bytes starting at each of `starts`."""
-    return u8[starts[:, None] + np.arange(width)]
+def _fields(u8: np.ndarray, pos: np.ndarray, dtype: str | np.dtype) -> np.ndarray:
+    """Values of `dtype` at byte positions `pos`, read through one view of the buffer per
+    byte alignment (int64 keys follow 4-byte fields, so they need not be 8-aligned)."""
+    dtype = np.dtype(dtype)
+    size = dtype.itemsize
+    rem = pos % size
+    if not rem.any():  # all aligned: one gather
+        return u8[:len(u8) // size * size].view(dtype)[pos // size]
+    out = np.empty(len(pos), dtype)
+    for a in np.flatnonzero(np.bincount(rem, minlength=size)):
+        sel = rem == a
+        out[sel] = u8[a:a + (len(u8) - a) // size * size].view(dtype)[(pos[sel] - a) // size]
+    return out
 
 
 def _framed_bounds(buf: bytes, limit: int) -> tuple[list[int], list[int], int]:
@@ -350,11 +361,12 @@ def _framed_bounds(buf: bytes, limit: int) -> tuple[list[int], list[int], int]:
 
 def _plain_bounds(buf: bytes, layout: NormLayout, limit: int) -> tuple[list[int], int]:
     """Starts of the complete records at the start of `buf` (no checksums, so no lengths:
-    walk the nnz fields). Runs of records shaped like the first one are found vectorized."""
+    walk the nnz fields), and the bytes they take. After each walked record, the records
+    that follow with the same nnz in every slot are found vectorized, in growing windows."""
     u8 = np.frombuffer(buf, np.uint8)
     ks, head = layout.key_dtype.itemsize, 4 * layout.floats
     starts: list[int] = []
-    pos, end = 0, len(buf)
+    pos, end, wait, backoff = 0, len(buf), 0, 1
     while len(starts) < limit:
         p, nnz = pos + head, []
         for _ in range(layout.slot_num):
@@ -369,18 +381,24 @@ def _plain_bounds(buf: bytes, layout: NormLayout, limit: int) -> tuple[list[int]
             return starts, pos
         starts.append(pos)
         size, pos = p - pos, p
-        # records after this one with the same nnz in every slot start every `size` bytes
-        fit = min((end - pos) // size, limit - len(starts))
-        if fit > 0:
-            at = pos + size * np.arange(fit)
-            field = head + np.concatenate([[0], np.cumsum(4 + np.array(nnz[:-1]) * ks)]).astype(int) \
-                if nnz else np.zeros(0, int)
-            same = np.ones(fit, bool)
-            for k, off in enumerate(field):
-                same &= _gather(u8, at + off, 4).view("<i4").ravel() == nnz[k]
-            run = int(np.argmin(same)) if not same.all() else fit
-            starts.extend((at[:run]).tolist())
-            pos += run * size
+        if wait:  # the last tries found no run: walk a while before trying again
+            wait -= 1
+            continue
+        fields = head + np.concatenate([[0], np.cumsum(4 + np.array(nnz[:-1], np.int64) * ks)]) \
+            if nnz else np.zeros(0, np.int64)
+        fit, run, window = min((end - pos) // size, limit - len(starts)), 0, 16
+        while run < fit:
+            at = pos + size * np.arange(run, min(run + window, fit))
+            same = np.ones(len(at), bool)
+            for off, n in zip(fields, nnz):
+                same &= _fields(u8, at + off, "<i4") == n
+            run += int(np.argmin(same)) if not same.all() else len(at)
+            if not same.all():
+                break
+            window *= 4
+        starts.extend(range(pos, pos + run * size, size))
+        pos += run * size
+        wait, backoff = (0, 1) if run else (backoff, min(2 * backoff, 256))
     return starts, pos
 
 
@@ -395,8 +413,8 @@ def _decode(u8: np.ndarray, starts: np.ndarray, ends: np.ndarray | None, layout:
     """Fields of the records at `starts`, slot by slot across all records at once. `ends`
     (checksummed files): where each payload must end; the first record that breaks it raises."""
     n = len(starts)
-    floats = _gather(u8, starts, 4 * layout.floats).view("<f4") if layout.floats \
-        else np.zeros((n, 0), np.float32)
+    at = (starts[:, None] + 4 * np.arange(layout.floats)).ravel()
+    floats = _fields(u8, at, "<f4").reshape(n, layout.floats)
     ks, dtype = layout.key_dtype.itemsize, layout.key_dtype
     pos, slots = starts + 4 * layout.floats, []
     broken: dict[int, str] = {}  # record -> what broke first; its later fields are not read
@@ -410,7 +428,7 @@ def _decode(u8: np.ndarray, starts: np.ndarray, ends: np.ndarray | None, layout:
     for k in range(layout.slot_num):
         if ends is not None:
             drop(pos + 4 > ends, lambda i: f"slot {k}'s nnz lies past the record's end")
-        nnz = np.where(ok, _gather(u8, np.where(ok, pos, 0), 4).view("<i4").ravel(), 0).astype(np.int64)
+        nnz = np.where(ok, _fields(u8, np.where(ok, pos, 0), "<i4"), 0).astype(np.int64)
         drop(nnz < 0, lambda i: f"slot {k} has nnz {nnz[i]}")
         if ends is not None:
             drop(pos + 4 + nnz * ks > ends, lambda i: f"slot {k}'s {nnz[i]} keys run past the record's end")
@@ -418,8 +436,7 @@ def _decode(u8: np.ndarray, starts: np.ndarray, ends: np.ndarray | None, layout:
         total = int(nnz.sum())
         rec = np.repeat(np.arange(n), nnz)
         within = np.arange(total) - np.repeat(np.cumsum(nnz) - nnz, nnz)
-        keys = _gather(u8, pos[rec] + 4 + within * ks, ks).view(dtype).ravel() if total \
-            else np.zeros(0, dtype)
+        keys = _fields(u8, pos[rec] + 4 + within * ks, dtype)
         slots.append((nnz, keys.astype(np.int64)))
         pos = pos + 4 + nnz * ks
     if ends is not None:
@@ -449,7 +466,7 @@ def read_norm(path: Path, layout: NormLayout, chunk_bytes: int = CHUNK_BYTES) ->
                     s, n, used = _framed_bounds(buf, total - done)
                     if s and not 0 < n[-1] <= MAX_RECORD_BYTES:
                         raise _BadRecord(len(s) - 1, f"record length {n[-1]}")
-                    starts, ends = np.array(s, np.int64), np.array(s, np.int64) + np.array(n, np.int64)
+                    starts, lengths = np.array(s, np.int64), np.array(n, np.int64)
                 else:
                     s, used = _plain_bounds(buf, layout, total - done)
                     starts, ends = np.array(s, np.int64), None
@@ -458,15 +475,22 @@ def read_norm(path: Path, layout: NormLayout, chunk_bytes: int = CHUNK_BYTES) ->
                         break
                     continue
                 u8 = np.frombuffer(buf, np.uint8)
-                floats, slots = _decode(u8, starts, ends, layout)
                 if framed:
-                    idx = np.stack([starts, ends], axis=1).ravel()
-                    sums = np.add.reduceat(u8, idx, dtype=np.uint64)[::2] % 256
-                    if (bad := np.flatnonzero(sums != u8[ends])).size:
+                    # payloads back to back, without their framing: every field is aligned
+                    check = u8[starts + lengths]
+                    keep = np.ones(used, bool)
+                    keep[(starts[:, None] - 4 + np.arange(4)).ravel()] = False
+                    keep[starts + lengths] = False
+                    u8 = u8[:used][keep]
+                    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+                    ends = starts + lengths
+                    sums = np.add.reduceat(u8, starts, dtype=np.uint64) % 256
+                    if (bad := np.flatnonzero(sums != check)).size:
                         i = int(bad[0])
-                        raise DataError(f"{path}: record {done + i}: checksum byte {u8[ends[i]]} but "
+                        raise DataError(f"{path}: record {done + i}: checksum byte {check[i]} but "
                                         f"the payload sums to {int(sums[i])} (mod 256); the file is "
                                         f"corrupt from there")
+                floats, slots = _decode(u8, starts, ends, layout)
             except _BadRecord as e:
                 raise DataError(f"{path}: record {done + e.index}: {e.what}; the file does not match "
                                 f"the layout{hint}") from None
@@ -533,10 +557,11 @@ def convert_norm(file_list: str | Path, out: str | Path, split: str, layout: Nor
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stats = [SlotStats() for _ in cats]
-    written, rows, start = [], 0, time.perf_counter()
+    staged, rows, start = [], 0, time.perf_counter()
     for i, path in enumerate(files):
-        target = folder / f"part-{i}.parquet"
-        with _RowGroupWriter(target, row_group_size) as writer:
+        # staged as Arrow IPC (no encoding): whether a slot is single-hot is known only at the end
+        stage, writer = folder / f"part-{i}.arrow", None
+        try:
             for rec in read_norm(path, layout, chunk_bytes):
                 cols: dict[str, pa.Array] = {}
                 for j, name in enumerate([*labels, *dense]):
@@ -548,14 +573,19 @@ def convert_norm(file_list: str | Path, out: str | Path, split: str, layout: Nor
                         stats[k].max_id = max(stats[k].max_id, int(ids.max()))
                     bounds = np.concatenate([[0], np.cumsum(nnz)]).astype(np.int32)
                     cols[cats[k]] = pa.ListArray.from_arrays(pa.array(bounds), pa.array(ids))
-                writer.write(pa.table(cols))
-                rows += len(rec.floats)
-        if target.exists():  # a file of no records writes none
-            written.append(target)
+                batch = pa.RecordBatch.from_pydict(cols)
+                writer = writer or pa.ipc.new_file(stage, batch.schema)
+                writer.write_batch(batch)
+                rows += batch.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is not None:  # a file of no records writes none
+            staged.append(stage)
     single = [c for c, s in zip(cats, stats) if s.single_hot]
-    if single:
-        for target in written:
-            _narrow(target, single)
+    for stage in staged:
+        _write_parquet(stage, stage.with_suffix(".parquet"), single, row_group_size)
+        stage.unlink()
     seconds = time.perf_counter() - start
     cardinality = sizes or [s.max_id + 1 for s in stats]
     for name, card in zip(cats, cardinality):
@@ -606,21 +636,17 @@ class _RowGroupWriter:
             self.writer.close()
 
 
-def _narrow(path: Path, columns: list[str]) -> None:
-    """Rewrites single-hot list columns (one id per row) as plain int64 columns."""
-    source = pq.ParquetFile(path)
-    tmp = path.with_suffix(".tmp")
-    writer = None
-    for i in range(source.num_row_groups):
-        table = source.read_row_group(i)
-        for name in columns:
-            table = table.set_column(table.schema.get_field_index(name), name,
-                                     pc.list_flatten(table.column(name)))
-        writer = writer or pq.ParquetWriter(tmp, table.schema)
-        writer.write_table(table, row_group_size=table.num_rows)
-    if writer is not None:
-        writer.close()
-        tmp.replace(path)
+def _write_parquet(stage: Path, target: Path, single_hot: list[str], row_group_size: int) -> None:
+    """Staged Arrow IPC -> Parquet row groups of `row_group_size`, single-hot list columns
+    (one id per row) as plain int64 columns."""
+    with pa.memory_map(str(stage)) as source, _RowGroupWriter(target, row_group_size) as writer:
+        reader = pa.ipc.open_file(source)
+        for i in range(reader.num_record_batches):
+            table = pa.Table.from_batches([reader.get_batch(i)])
+            for name in single_hot:
+                table = table.set_column(table.schema.get_field_index(name), name,
+                                         pc.list_flatten(table.column(name)))
+            writer.write(table)
 
 
 def _merge(old: "Schema", new: "Schema", out: Path, split: str) -> "Schema":

@@ -6,7 +6,9 @@ R^d; w1 = c u1, w2 = c (p u1 + sqrt(1 - p^2) u2); x ~ N(0, I_d);
 y_i = w_i . x + sum_j sin(alpha_j w_i . x + beta_j) + noise, noise ~ N(0, 0.01) (variance).
 The cosine of w1 and w2 is p (`correlation`); alpha_j, beta_j ~ N(0, 1) are shared by both
 tasks, so the labels' own Pearson correlation falls with p but does not equal it (the schema's
-meta stores the measured one).
+meta stores the measured one). The sines come from their own seed (`sine_seed`): they set how
+hard the tasks are, while `seed` draws the directions u1, u2 and the rows (the problem looks
+the same from any direction, so seeds repeat one experiment).
 
 Columns: dense x0..x{d-1}, labels y1 and y2, and two categorical columns, x0_bucket and
 x1_bucket (x0, x1 cut at standard-normal quantiles into `buckets` ids): the model needs at
@@ -38,7 +40,8 @@ class PaperSpec:
     noise_var: float = 0.01
     buckets: int = 8  # ids per categorical column
     row_group_size: int = 4096
-    seed: int = 0  # draws the task weights and sines; each split's rows use (seed, split)
+    seed: int = 0  # draws u1, u2; each split's rows use (seed, split)
+    sine_seed: int = 0  # draws alpha and beta
 
 
 def _truth(spec: PaperSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -48,7 +51,8 @@ def _truth(spec: PaperSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     u1, u2 = q[:, 0], q[:, 1]
     p = spec.correlation
     w = spec.scale * np.stack([u1, p * u1 + np.sqrt(1 - p * p) * u2])
-    return w, rng.normal(size=spec.num_sines), rng.normal(size=spec.num_sines)
+    sines = np.random.default_rng([spec.sine_seed, 2])
+    return w, sines.normal(size=spec.num_sines), sines.normal(size=spec.num_sines)
 
 
 def draw(spec: PaperSpec, split: str, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,14 +99,16 @@ def add_data_command(sub) -> None:
     p.add_argument("--correlation", type=float, default=0.5, help="cosine of the task weights, -1 to 1")
     p.add_argument("--dim", type=int, default=100, help="input dimension d")
     p.add_argument("--num-sines", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="draws the directions and the rows")
+    p.add_argument("--sine-seed", type=int, default=0, help="draws the sines' alpha and beta")
     p.set_defaults(run=_run)
 
 
 def _run(args) -> None:
     train_rows, test_rows = (int(v) for v in args.rows.split(","))
     spec = PaperSpec(rows={"train": train_rows, "test": test_rows}, dim=args.dim,
-                     correlation=args.correlation, num_sines=args.num_sines, seed=args.seed)
+                     correlation=args.correlation, num_sines=args.num_sines, seed=args.seed,
+                     sine_seed=args.sine_seed)
     meta = generate(args.out, spec).meta
     print(f"wrote {args.out}: label correlation {meta['label_corr']['train']:.3f} (train), "
           f"label variance {meta['label_var']['train']}")

@@ -33,7 +33,7 @@ from app.mmoe_paper import PaperSpec, generate  # noqa: E402
 
 CONFIG = "configs/synthetic_paper.toml"
 # per head, on top of the config: shared_bottom's one layer is about as large as 8 experts of 16
-OVERRIDES = {"shared_bottom": ["--model.expert_layers", "[128]"]}
+OVERRIDES = {"shared_bottom": ["--model.expert_layers", "[128, 16]"]}
 
 
 def dense_params(head: str, data: Path) -> int:

@@ -250,19 +250,25 @@ def free_memory(device: torch.device) -> None:
 
 
 def time_steps(step: Callable[[int], None], env: Env, seconds: float, warmup: int) -> tuple[float, int]:
-    """Seconds per step of `step(i)` over a step count every rank agrees on (a phase that talks
-    across ranks needs the same count everywhere): warm-up, a short calibration, then the
-    timed steps between synchronizations. Returns (seconds per step, steps)."""
+    """Seconds per step of `step(i)`: warm-up, calibration, then the timed steps between two
+    synchronizations. Every rank runs the same number of steps in each part, as a phase whose
+    steps talk across ranks must. Returns (seconds per step, timed steps)."""
     for i in range(warmup):
         step(i)
-    sync(env.device)
-    start, n = time.perf_counter(), 0
-    while n < 3 or time.perf_counter() - start < min(1.0, seconds / 4):
-        step(n)
-        n += 1
-        sync(env.device)  # calibration only: the timed loop below syncs once at its end
-    per_step = (time.perf_counter() - start) / n
-    steps = torch.tensor([max(1, math.ceil(seconds / per_step))], device=env.device)
+    n = 1
+    while True:  # calibration: double the count until a round takes long enough on some rank
+        sync(env.device)
+        start = time.perf_counter()
+        for i in range(n):
+            step(i)
+        sync(env.device)
+        elapsed = time.perf_counter() - start
+        enough = torch.tensor([float(elapsed >= min(1.0, seconds / 4))], device=env.device)
+        dist.all_reduce(enough, op=dist.ReduceOp.MAX)
+        if enough.item():
+            break
+        n *= 2
+    steps = torch.tensor([max(1, math.ceil(seconds * n / elapsed))], device=env.device)
     dist.all_reduce(steps, op=dist.ReduceOp.MIN)  # the fastest rank's count would stretch the others
     steps = int(steps.item())
     dist.barrier()
@@ -559,7 +565,8 @@ def run_naive(args: argparse.Namespace, env: Env) -> Result:
 
     per_step, steps = time_steps(step, env, args.phase_seconds, args.warmup)
     return Result("naive baseline", rates=[args.batch_size / per_step],
-                  notes=f"fp32, unsharded EBC + torch Adagrad, module loops, blocking copy; {steps} steps")
+                  notes=f"fp32, unsharded EBC (dense table gradients) + torch Adagrad, module loops, "
+                        f"blocking copy; {steps} steps")
 
 
 # ---------------------------------------------------------------------------------------
@@ -676,10 +683,13 @@ def write_report(out: Path, section: str) -> None:
 
 
 def launch_command(argv: list[str]) -> str:
+    """The command that reproduces this run's numbers (--out changes none of them)."""
+    keep = [a for i, a in enumerate(argv) if not (a == "--out" or a.startswith("--out=")
+                                                  or (i and argv[i - 1] == "--out"))]
     if "LOCAL_WORLD_SIZE" in os.environ:
         return (f"torchrun --standalone --nproc-per-node {os.environ['LOCAL_WORLD_SIZE']} bench/train.py "
-                + shlex.join(argv)).strip()
-    return f"python bench/train.py {shlex.join(argv)}".strip()
+                + shlex.join(keep)).strip()
+    return f"python bench/train.py {shlex.join(keep)}".strip()
 
 
 def quiet() -> None:

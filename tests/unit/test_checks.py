@@ -126,6 +126,13 @@ def test_id_outside_the_cardinality(tmp_path, value):
     fails(r"part-0\.parquet: row group 1, column 'c': .*(ids|id outside)", read, tmp_path)
 
 
+def test_footers_name_bad_ids_before_the_first_batch(tmp_path):
+    dataset(tmp_path, rows(), rows(**with_value("c", 10, tp=pa.int64())))
+    columns = Columns.resolve(SCHEMA, ["y"], [], [], "test")
+    fails(r"part-1\.parquet: row group 1, column 'c': ids span \[4, 10\]", ParquetBatches, tmp_path,
+          "train", columns, ("binary",), 4, 0, 1, train=True)  # at construction: nothing decoded
+
+
 @pytest.mark.parametrize("value", [2.0, 0.5, -1.0, np.nan])
 def test_binary_label_not_0_or_1(tmp_path, value):
     dataset(tmp_path, rows(**with_value("y", value)))

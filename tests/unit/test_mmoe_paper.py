@@ -48,3 +48,10 @@ def test_label_correlation_falls_with_p(tmp_path):
 def test_bad_correlation():
     with pytest.raises(ValueError, match="correlation 1.5 is outside"):
         generate("unused", PaperSpec(correlation=1.5))
+
+
+def test_seeds_change_directions_not_sines():
+    (w0, a0, b0), (w1, a1, b1) = _truth(PaperSpec(seed=0)), _truth(PaperSpec(seed=1))
+    assert not np.allclose(w0, w1)
+    assert np.array_equal(a0, a1) and np.array_equal(b0, b1)
+    assert not np.array_equal(a0, _truth(PaperSpec(sine_seed=1))[1])
