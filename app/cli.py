@@ -14,7 +14,7 @@ import sys
 import warnings
 
 COMMANDS = {}
-DATA_SOURCES = ["app.census", "app.synthetic", "app.criteo"]  # modules with add_data_command(subparsers)
+DATA_SOURCES = ["app.census", "app.synthetic", "app.criteo", "app.hugectr", "app.mmoe_paper"]  # modules with add_data_command(subparsers)
 
 
 def command(fn):

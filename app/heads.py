@@ -147,7 +147,9 @@ class PLE(nn.Module):
         dim = in_dim
         for level in range(self.num_levels):
             sizes = [dim, *cfg.expert_layers]
-            self.task_experts.append(BatchedMLP(t * mt, sizes, cfg.activation, cfg.dropout))
+            # level 1's task experts all read x: one Experts module, as the shared ones
+            experts = Experts if level == 0 else BatchedMLP
+            self.task_experts.append(experts(t * mt, sizes, cfg.activation, cfg.dropout))
             self.shared_experts.append(Experts(ms, sizes, cfg.activation, cfg.dropout))
             self.task_gates.append(BatchedMLP(t, [dim, mt + ms], cfg.activation, 0.0, last_activation=False))
             if level < self.num_levels - 1:
@@ -159,8 +161,8 @@ class PLE(nn.Module):
         xt = x.unsqueeze(0).expand(t, -1, -1)  # [T, B, in]: every task's input, the same at level 1
         xs = x  # [B, in]: the shared experts' input
         for level in range(self.num_levels):
-            # task t's input repeated for each of its mt experts: [T * mt, B, in]
-            own = self.task_experts[level](xt.repeat_interleave(mt, dim=0))  # [T * mt, B, H]
+            # above level 1, task t's input repeated for each of its mt experts: [T * mt, B, in]
+            own = self.task_experts[level](x if level == 0 else xt.repeat_interleave(mt, dim=0))  # [T * mt, B, H]
             shared = self.shared_experts[level](xs)  # [ms, B, H]
             own4 = own.unflatten(0, (t, mt))  # [T, mt, B, H]
             seen = torch.cat([own4, shared.unsqueeze(0).expand(t, -1, -1, -1)], dim=1)  # [T, mt + ms, B, H]

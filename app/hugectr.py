@@ -224,15 +224,18 @@ def derive_schema(dataset: str | Path, splits: list[str], slot_size_array: list[
     if keys_have_offsets:
         for name in cats:
             tp = arrow.field(name).type
-            if not pa.types.is_integer(tp.value_type if pa.types.is_list(tp) else tp):
+            if not pa.types.is_integer(tp.value_type if _is_list(tp) else tp):
                 raise DataError(f"{first}: column {name!r} is {tp}; data.keys_have_offsets needs "
                                 f"integer keys")
-    multi_hot = [c for c in cats if pa.types.is_list(arrow.field(c).type)
-                 or pa.types.is_large_list(arrow.field(c).type)]
+    multi_hot = [c for c in cats if _is_list(arrow.field(c).type)]
     schema = Schema(labels=labels, dense=dense, categorical=dict(zip(cats, sizes)),
                     multi_hot=multi_hot, meta={"source": f"HugeCTR split {split.where}"},
                     offsets=dict(zip(cats, slot_offsets(sizes))) if keys_have_offsets else {})
     return schema, str(meta.path)
+
+
+def _is_list(tp: pa.DataType) -> bool:
+    return pa.types.is_list(tp) or pa.types.is_large_list(tp)
 
 
 def _scan_cardinalities(splits: list[Split], cats: list[str]) -> list[int]:
@@ -256,7 +259,7 @@ def _scan_cardinalities(splits: list[Split], cats: list[str]) -> list[int]:
                 table = pq.read_table(path, columns=unbounded)
                 for name in unbounded:
                     col = table.column(name)
-                    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                    if _is_list(col.type):
                         col = pc.list_flatten(col)
                     high = pc.max(col).as_py()
                     if isinstance(high, int):

@@ -13,7 +13,6 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -28,7 +27,7 @@ from tqdm import tqdm
 
 from app import checkpoint
 from app.config import Config, save_config
-from app.data import (Batch, Columns, ParquetBatches, Position, Schema, consume, iter_batches,
+from app.data import (Batch, Columns, ParquetBatches, Position, consume, iter_batches, load_schema,
                       span_rows)
 from app.metrics import EvalMetrics, RunLog, TrainMetrics
 from app.model import MultiTaskModel, MultiTaskTrain, Outputs, table_name
@@ -76,9 +75,10 @@ def init_distributed(device: str) -> Env:
 
 
 def resolve_columns(cfg: Config) -> Columns:
-    schema = Schema.load(cfg.data.path)
+    schema, where = load_schema(cfg.data.path, (cfg.data.train_split, cfg.data.eval_split),
+                                cfg.data.slot_size_array, cfg.data.keys_have_offsets)
     return Columns.resolve(schema, [t.label for t in cfg.tasks.values()], cfg.data.dense,
-                           cfg.data.categorical, where=str(Path(cfg.data.path) / "schema.json"))
+                           cfg.data.categorical, where=where)
 
 
 def build(cfg: Config, env: Env, columns: Columns):
