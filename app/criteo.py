@@ -444,6 +444,7 @@ def convert(inputs: dict[str, list[str | Path]], out: str | Path, opts: Options,
 
     stage = out / ".incomplete"  # renamed into place once every split converted
     shutil.rmtree(stage, ignore_errors=True)
+    created = not out.exists()
     stage.mkdir(parents=True)
     try:
         vocab = None
@@ -474,6 +475,8 @@ def convert(inputs: dict[str, list[str | Path]], out: str | Path, opts: Options,
             (stage / VOCAB_FILE).rename(out / VOCAB_FILE)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if created and not any(out.iterdir()):  # a failed first conversion leaves nothing
+            out.rmdir()
 
     if opts.mode == "hash":
         cards = [opts.hash_size(i) for i in range(opts.num_categorical)]
@@ -552,6 +555,8 @@ def label_names(num_labels: int | None, names: str | None) -> tuple[str, ...]:
 
 
 def _run(args) -> None:
+    if args.range_mb < 1 or args.workers < 1:
+        raise DataError(f"--range-mb {args.range_mb} and --workers {args.workers} must be at least 1")
     sizes = [int(x) for x in args.hash_size.split(",")]
     opts = Options(labels=label_names(args.num_labels, args.label_names), num_dense=args.num_dense,
                    num_categorical=args.num_categorical, log1p=args.dense_transform == "log1p",

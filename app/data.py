@@ -53,17 +53,18 @@ class Schema:
         path = Path(dataset) / SCHEMA_FILE
         if not path.exists():
             raise DataError(f"{path}: no schema file; prepare the data set first (`make data` for the census sample, or `mmoe data ...`)")
-        raw = json.loads(path.read_text())
         try:
-            return cls(
-                labels=list(raw["labels"]),
-                dense=list(raw["dense"]),
-                categorical={k: int(v["cardinality"]) for k, v in raw["categorical"].items()},
-                multi_hot=[k for k, v in raw["categorical"].items() if v.get("multi_hot")],
-                meta=raw.get("meta", {}),
-            )
-        except (KeyError, TypeError, AttributeError) as e:
-            raise DataError(f"{path}: malformed schema ({e!r})") from e
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: malformed schema, not JSON ({e}); rewrite it with the converter") from e
+        checks.check_schema_doc(raw, path)
+        return cls(
+            labels=list(raw["labels"]),
+            dense=list(raw["dense"]),
+            categorical={k: int(v["cardinality"]) for k, v in raw["categorical"].items()},
+            multi_hot=[k for k, v in raw["categorical"].items() if v.get("multi_hot")],
+            meta=raw.get("meta", {}),
+        )
 
     def save(self, dataset: str | Path) -> None:
         cats = {
@@ -263,12 +264,16 @@ def split_files(dataset: str | Path, split: str) -> list[Path]:
     return files
 
 
-def scan_row_groups(files: list[Path], columns: Columns) -> list[RowGroup]:
-    """Reads footers only; rejects unreadable, empty or mismatched files before training."""
+def scan_row_groups(files: list[Path], columns: Columns,
+                    label_kinds: tuple[str, ...] | None = None) -> list[RowGroup]:
+    """Reads footers only; rejects unreadable, empty or mismatched files before training, and
+    with `label_kinds`, values that the footers' statistics show out of range."""
     groups: list[RowGroup] = []
     first_row, reference = 0, None
     for path in files:
         meta = checks.check_file(path, columns, reference)
+        if label_kinds is not None:
+            checks.check_statistics(path, meta, columns, label_kinds)
         reference = reference or (path, meta.schema.to_arrow_schema())
         for i in range(meta.num_row_groups):
             rows = meta.row_group(i).num_rows
@@ -380,7 +385,9 @@ class ParquetBatches(IterableDataset):
                  shuffle: bool = True, on_bad_rows: str = "error", chunk_batches: int = 8):
         self.files = split_files(dataset, split)
         self.columns, self.label_kinds = columns, label_kinds
-        self.groups = scan_row_groups(self.files, columns)
+        # with on_bad_rows = "skip", bad values are counted when read instead of refused
+        self.groups = scan_row_groups(self.files, columns,
+                                      label_kinds if on_bad_rows == "error" else None)
         self.total_rows = sum(g.rows for g in self.groups)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.train, self.seed, self.shuffle = train, seed, shuffle and train
@@ -415,26 +422,15 @@ class ParquetBatches(IterableDataset):
         try:
             table = pq.ParquetFile(g.file).read_row_group(g.index, columns=self.columns.all)
         except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{g.file}: row group {g.index} cannot be read ({e})") from e
+            raise DataError(f"{g.file}: row group {g.index} cannot be read ({' '.join(str(e).split())}); "
+                            f"the file is damaged: rewrite it with the converter") from e
         table = subtract_offsets(table, self.columns)
-        masks = checks.bad_rows(table, self.columns, self.label_kinds)
-        bad = np.zeros(table.num_rows, bool)
-        for name, mask in masks.items():
-            if mask.any() and self.on_bad_rows == "error":
-                row = int(np.flatnonzero(mask)[0])
-                offset = dict(zip(self.columns.categorical, self.columns.offsets)).get(name)
-                shifted = f" (ids are keys minus the slot offset {offset})" if offset else ""
-                raise DataError(
-                    f"{g.file}: row group {g.index}, column {name!r}: {int(mask.sum())} bad values, "
-                    f"first at row {row} (NaN/inf, id outside [0, cardinality), or label not 0/1)"
-                    f"{shifted}; "
-                    f"fix the data or set data.on_bad_rows = \"skip\""
-                )
-            bad |= mask
-        if bad.any():
+        bad = checks.check_rows(table, self.columns, self.label_kinds, f"{g.file}: row group {g.index}",
+                                skip=self.on_bad_rows == "skip")
+        if bad is not None:
             table = checks.clean_rows(table, self.columns, bad)
         perm = row_permutation(g, self.seed, epoch, self.shuffle)
-        weights = (~bad).astype(np.float32)[perm]
+        weights = np.ones(g.rows, np.float32) if bad is None else (~bad).astype(np.float32)[perm]
         return table.take(pa.array(perm)), g.first_row + perm, weights
 
     def _chunks(self, share: list[Span], sizes: list[int]) -> list[list[tuple[int, int]]]:
@@ -483,5 +479,9 @@ def iter_batches(dataset: ParquetBatches, num_workers: int, pin_memory: bool) ->
                         # its own generator: drawing worker seeds from the global one would
                         # shift dropout masks depending on when an epoch's loader starts
                         generator=torch.Generator())
-    for chunk in loader:
-        yield from chunk
+    try:
+        for chunk in loader:
+            yield from chunk
+    except DataError as e:
+        # a worker's error arrives with its traceback in the message; keep the one line
+        raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None

@@ -300,7 +300,7 @@ def write_report(run_dir: str | Path) -> Path:
         (run.path / name).unlink(missing_ok=True)
     model = run.config.get("model") or {}
     head = run.head or "unknown"
-    experts = f", {model['num_experts']} experts" if head == "mmoe" and "num_experts" in model else ""
+    experts = f", {model['num_experts']} experts" if head in ("mmoe", "omoe") and "num_experts" in model else ""
     lines = [f"# Run report: {run.name}", "",
              f"`{run.path}`: head `{head}`{experts}; tasks {', '.join(f'`{t}`' for t in run.tasks)}; "
              f"data `{(run.config.get('data') or {}).get('path', '?')}`.", "",
@@ -324,6 +324,10 @@ def write_report(run_dir: str | Path) -> Path:
                   "Row t is task t's mean softmax gate over the experts: how much of its tower's input "
                   "comes from each expert. Rows alike mean the tasks share experts; rows apart mean "
                   "they have split them.", ""]
+        if run.head in ("cgc", "ple"):
+            lines += [f"`{run.head}`: each task's gate sees its own experts first (experts 0 to "
+                      "num_task_experts - 1), then the shared ones, so column k is not the same expert "
+                      "in every row; these are the last level's gates.", ""]
         entropy = {t: series(run.records, f"train/{t}/gate_entropy")[1] for t in gates.tasks}
         if any(entropy.values()):
             lines += [f"Last logged gate entropy (nats; {math.log(gates.weights.shape[1]):.3f} is uniform): "

@@ -5,6 +5,7 @@ ranks, and on NCCL GPUs under torchrun.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -302,8 +303,10 @@ def train(cfg: Config) -> dict:
         "mean_auc": eval_result.get("eval/mean_auc"),
         "eval_rows": eval_result.get("eval/rows"),
         "skipped_rows": eval_result.get("eval/skipped_rows"),
-        "gates": {t: [v for k, v in sorted(last_log.items()) if k.startswith(f"train/{t}/gate_e")]
-                  for t in tasks} if any("/gate_e" in k for k in last_log) else None,
+        # gate_e0, gate_e1, ... in expert order (not gate_entropy, not gate_e10 before gate_e2)
+        "gates": {t: [last_log[f"train/{t}/gate_e{e}"] for e in
+                      itertools.takewhile(lambda e, t=t: f"train/{t}/gate_e{e}" in last_log, itertools.count())]
+                  for t in tasks} if any("/gate_e0" in k for k in last_log) else None,
         "samples_per_sec": samples / train_time if train_time else 0.0,
         "world_size": env.world_size,
         "device": env.device.type,

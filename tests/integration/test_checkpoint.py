@@ -127,7 +127,16 @@ def test_sigkill_under_torchrun_restarts_from_checkpoint(tiny_data, tmp_path):
            "--master-port", str(free_port()), "-m", "app",
            *map(str, train_args(tiny_data, run, *common))]
     agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, start_new_session=True)
+    try:
+        _kill_one_rank_and_compare(agent, run, tmp_path)
+    finally:  # never leave the agent or its ranks behind
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
+
+
+def _kill_one_rank_and_compare(agent, run, tmp_path):
     kill_at = random.Random().randint(10, 45)
     deadline, killed = time.time() + 300, None
     while killed is None and time.time() < deadline and agent.poll() is None:
