@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -71,8 +72,20 @@ def init_distributed(device: str) -> Env:
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None,
+                                store=_attempt_store(world), rank=rank, world_size=world)
     return Env(rank, world, local_rank, local_world, dev)
+
+
+def _attempt_store(world: int) -> dist.Store | None:
+    """Under torchrun the agent's store outlives a restart of the workers, and the process
+    group writes the same keys in every attempt: a restarted rank could read a dead rank's
+    address and fail or hang connecting. Each attempt gets keys of its own."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # env:// makes a fresh store
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=default_pg_timeout)
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def resolve_columns(cfg: Config) -> Columns:

@@ -120,23 +120,25 @@ def test_keeps_the_newest_checkpoints(tmp_path, one_rank_group):
 
 
 def test_sigkill_under_torchrun_restarts_from_checkpoint(tiny_data, tmp_path):
+    """Through the launcher users run; the agent's store outlives the restart (stale keys of
+    the first attempt once made restarted ranks fail or hang while connecting)."""
     common = ["--train.checkpoint_every", "8", "--data.batch_size", "64", "--train.epochs", "2"]
     mmoe(*train_args(tiny_data, tmp_path / "clean", *common), ranks=2)
     run = tmp_path / "killed"
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "2",
-           "--master-port", str(free_port()), "-m", "app",
-           *map(str, train_args(tiny_data, run, *common))]
-    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, start_new_session=True)
-    try:
-        _kill_one_rank_and_compare(agent, run, tmp_path)
-    finally:  # never leave the agent or its ranks behind
-        if agent.poll() is None:
-            os.killpg(agent.pid, signal.SIGKILL)
-            agent.wait()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": PY, "NPROC_PER_NODE": "2",
+           "MAX_RESTARTS": "2", "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}"}
+    with open(tmp_path / "output.txt", "w+") as output:  # a file: a full pipe would stall the ranks
+        agent = subprocess.Popen(["bash", "launch/torchrun.sh", *map(str, train_args(tiny_data, run, *common)[1:])],
+                                 stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            _kill_one_rank_and_compare(agent, run, tmp_path, output)
+        finally:  # never leave the agent or its ranks behind
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)
+                agent.wait()
 
 
-def _kill_one_rank_and_compare(agent, run, tmp_path):
+def _kill_one_rank_and_compare(agent, run, tmp_path, output):
     kill_at = random.Random().randint(10, 45)
     deadline, killed = time.time() + 300, None
     while killed is None and time.time() < deadline and agent.poll() is None:
@@ -148,7 +150,9 @@ def _kill_one_rank_and_compare(agent, run, tmp_path):
             os.kill(victim, signal.SIGKILL)
             killed = (victim, max(steps))
         time.sleep(0.05)
-    output, _ = agent.communicate(timeout=600)
+    agent.wait(timeout=600)
+    output.seek(0)
+    output = output.read()
     assert killed, f"the run ended before step {kill_at}:\n{output[-3000:]}"
     assert agent.returncode == 0, output[-3000:]
     assert "resuming from" in output
