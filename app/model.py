@@ -208,12 +208,14 @@ class MultiTaskTrain(nn.Module):
     become one scalar through `LossBalancer` (`model.loss_balancing`).
     """
 
-    def __init__(self, model: MultiTaskModel, tasks: dict[str, TaskConfig]):
+    def __init__(self, model: MultiTaskModel, tasks: dict[str, TaskConfig], gate_stats: bool = True):
         super().__init__()
-        self.model = model
+        self.model, self.gate_stats = model, gate_stats
         device = next(model.head.parameters()).device
-        self.register_buffer("binary", torch.tensor([t.type == "binary" for t in tasks.values()],
-                                                    device=device), persistent=False)
+        binary = [t.type == "binary" for t in tasks.values()]
+        self.register_buffer("binary", torch.tensor(binary, device=device), persistent=False)
+        # the loss kinds present (each step launches only their kernels)
+        self.kinds = "binary" if all(binary) else "regression" if not any(binary) else "mixed"
         self.balancer = LossBalancer(model.cfg.loss_balancing, [t.weight for t in tasks.values()],
                                      [t.type == "binary" for t in tasks.values()],
                                      model.cfg.gradnorm_alpha, device)
@@ -221,16 +223,20 @@ class MultiTaskTrain(nn.Module):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, Outputs]:
         logits, gates = self.model(batch.dense, batch.sparse_features)
-        bce = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
-        mse = (logits - batch.labels) ** 2
-        per_row = torch.where(self.binary, bce, mse)  # [B, T]
+        if self.kinds == "binary":
+            per_row = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+            preds = logits.sigmoid()
+        elif self.kinds == "regression":
+            per_row, preds = (logits - batch.labels) ** 2, logits
+        else:
+            bce = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+            per_row = torch.where(self.binary, bce, (logits - batch.labels) ** 2)  # [B, T]
+            preds = torch.where(self.binary, logits.sigmoid(), logits)
         w = batch.weights.unsqueeze(1)
         losses = (per_row * w).sum(0) / w.sum().clamp(min=1.0)  # [T]
-        preds = torch.where(self.binary, logits.sigmoid(), logits)
         loss = self.balancer(losses, self.model.head.shared_weight if self.gradnorm else None)
-        return loss, Outputs(losses.detach(), preds.detach(), batch.labels, batch.weights,
-                             _gate_stats(gates.detach(), w) if gates is not None else None,
-                             batch.row_ids)
+        stats = _gate_stats(gates.detach(), w) if gates is not None and self.gate_stats else None
+        return loss, Outputs(losses.detach(), preds.detach(), batch.labels, batch.weights, stats, batch.row_ids)
 
 
 def _gate_stats(gates: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,124 @@
+"""Where the trainer's step time goes, for the Criteo-shape model of `bench/train.py`.
+
+Builds the model, optimizers and `TrainPipelineSparseDist` exactly as `app.train` does, then
+times steady-state steps under several feeds and profiles a few steps with torch.profiler:
+
+  parquet   the real reader (`ParquetBatches` + `iter_batches`, pinned, N workers)
+  memory    the same number of pre-made pinned host batches, cycled (no reader cost)
+  bare      memory, without the per-step train-metric update
+
+Prints the ms/step of each, the profiler's top ops by GPU and by CPU time, and how busy the
+GPU was; writes a Chrome trace to --trace. Takes the options of `bench/train.py`:
+
+    python bench/profile_step.py --precision bf16 --rows 4000000 [--trace /tmp/trace.json.gz]
+    torchrun --standalone --nproc-per-node 4 bench/profile_step.py --precision bf16
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "train.py")
+bench = sys.modules["bench_train"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+from app.data import iter_batches  # noqa: E402
+from app.metrics import TrainMetrics  # noqa: E402
+from app.train import build, init_distributed, resolve_columns, split_data  # noqa: E402
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    trace = None
+    if "--trace" in argv:
+        i = argv.index("--trace")
+        trace, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    args = bench.parse_args(argv)
+    bench.quiet()
+    args.device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    cuda = args.device == "cuda"
+    bench.fill_defaults(args, cuda, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    bench.ensure_data(args, int(os.environ.get("LOCAL_RANK", 0)))
+    precision = args.precisions[-1]
+    cfg, _ = bench.trainer_config(args, precision, Path(args.work) / "profile")
+    env = init_distributed(args.device)
+    say = print if env.rank == 0 else (lambda *a, **k: None)
+    columns = resolve_columns(cfg)
+    dmp, optimizer, plan = build(cfg, env, columns)
+    say(f"{env.world_size} rank(s), {precision}, batch {args.batch_size}, {args.num_workers} workers; plan:")
+    say("\n".join(sorted({f"  {p.sharding_type}/{p.compute_kernel}" for m in plan.plan.values()
+                          for p in m.values()})))
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
+    metrics = TrainMetrics(list(cfg.tasks), env.device)
+    data = split_data(cfg, env, columns, cfg.data.train_split, train=True)
+    parquet = (b for _ in itertools.count() for b in iter_batches(data, args.num_workers, cuda))
+    held = [next(parquet).pin_memory() if cuda else next(parquet) for _ in range(16)]
+    memory = itertools.cycle(held)
+
+    def step(batches, update: bool) -> None:
+        out = pipeline.progress(batches)
+        if update:
+            metrics.update(out.losses, None)
+
+    def timed(batches, update: bool, steps: int) -> float:
+        for _ in range(20):
+            step(batches, update)
+        bench.sync(env.device)
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(batches, update)
+        bench.sync(env.device)
+        return 1000 * (time.perf_counter() - start) / steps
+
+    rows = []
+    for name, batches, update in (("parquet", parquet, True), ("memory", memory, True), ("bare", memory, False)):
+        ms = timed(batches, update, 150)
+        rows.append((name, ms, args.batch_size / ms * 1000))
+        say(f"{name}: {ms:.2f} ms/step, {rows[-1][2]:,.0f} samples/s per rank", flush=True)
+
+    for _ in range(10):
+        step(memory, True)
+    bench.sync(env.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    steps = 12
+    with profile(activities=activities, record_shapes=False) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(memory, True)
+        bench.sync(env.device)
+        wall = time.perf_counter() - start
+    if env.rank == 0:
+        averages = prof.key_averages()
+        if cuda:
+            print(averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+            gpu_us = sum(e.self_device_time_total for e in averages)
+            print(f"GPU busy (sum of kernel self time / wall, overlapping streams count twice): "
+                  f"{gpu_us / 1e6 / wall:.0%} of {1000 * wall / steps:.2f} ms/step under the profiler")
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+        if trace:
+            raw = Path(trace).with_suffix("")
+            prof.export_chrome_trace(str(raw))
+            with open(raw, "rb") as f, gzip.open(trace, "wb") as g:
+                g.write(f.read())
+            raw.unlink()
+        print("\n| feed | ms/step | samples/s per rank |\n| --- | ---: | ---: |")
+        for name, ms, rate in rows:
+            print(f"| {name} | {ms:.2f} | {rate:,.0f} |")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
