@@ -13,7 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import Iterator
 
@@ -30,6 +33,7 @@ from app import checks, hugectr
 from app.checks import DataError
 
 SCHEMA_FILE = "schema.json"
+READ_AHEAD = 2  # row groups decoded ahead of the one being packed
 
 
 # ---------------------------------------------------------------------------------------
@@ -166,7 +170,7 @@ class Batch(Pipelineable):
         return self.dense.shape[0]
 
 
-def _hash_strings(arr: pa.Array, cardinality: int) -> np.ndarray:
+def _hash_strings(arr: pa.Array | pa.ChunkedArray, cardinality: int) -> np.ndarray:
     """Stable across processes and runs (Python's hash() is salted per process)."""
     encoded = pc.dictionary_encode(arr).combine_chunks() if isinstance(arr, pa.ChunkedArray) \
         else pc.dictionary_encode(arr)
@@ -178,19 +182,10 @@ def _hash_strings(arr: pa.Array, cardinality: int) -> np.ndarray:
     return table[encoded.indices.to_numpy(zero_copy_only=False)]
 
 
-def _ids(arr: pa.Array, cardinality: int) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths, values) of one categorical column; lists are multi-hot, strings are hashed."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-        lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy()
-        flat = pc.list_flatten(arr)
-        values = (_hash_strings(flat, cardinality) if pa.types.is_string(flat.type)
-                  else flat.to_numpy(zero_copy_only=False))
-        return lengths.astype(np.int32), values.astype(np.int64, copy=False)
+def _id_values(arr: pa.Array | pa.ChunkedArray, cardinality: int) -> np.ndarray:
     values = (_hash_strings(arr, cardinality) if pa.types.is_string(arr.type)
               else arr.to_numpy(zero_copy_only=False))
-    return np.ones(len(arr), dtype=np.int32), values.astype(np.int64, copy=False)
+    return values.astype(np.int64, copy=False)
 
 
 def subtract_offsets(table: pa.Table, columns: Columns) -> pa.Table:
@@ -209,33 +204,192 @@ def subtract_offsets(table: pa.Table, columns: Columns) -> pa.Table:
     return table
 
 
-def _float_matrix(table: pa.Table, names: tuple[str, ...]) -> torch.Tensor:
+def _float_matrix(table: pa.Table, names: tuple[str, ...]) -> np.ndarray:
     if not names:
-        return torch.zeros(table.num_rows, 0)
-    cols = [table.column(n).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-            for n in names]
-    return torch.from_numpy(np.stack(cols, axis=1))
+        return np.zeros((table.num_rows, 0), np.float32)
+    return np.stack([table.column(n).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+                     for n in names], axis=1)
+
+
+Rows = slice | np.ndarray  # rows of a block: a range, or positions in the epoch's order
+
+
+def _gather(src: np.ndarray, rows: Rows, out: np.ndarray) -> None:
+    """out[:] = src[rows] without a temporary."""
+    if isinstance(rows, slice):
+        out[...] = src[rows]
+    else:
+        src.take(rows, axis=0, out=out, mode="clip")  # "clip": no bounds check, no buffer
+
+
+@dataclass
+class Ids:
+    """One categorical column of a row group: row i has the ids values[offsets[i]:offsets[i + 1]],
+    `lengths[i]` of them; single-hot columns (offsets None) have one id a row, values[i]."""
+
+    values: np.ndarray  # int64
+    lengths: np.ndarray | None = None  # int32 [N]
+    offsets: np.ndarray | None = None  # int64 [N + 1]
+
+    @classmethod
+    def from_arrow(cls, arr: pa.ChunkedArray, cardinality: int) -> "Ids":
+        """Lists are multi-hot (a null list is empty), strings are hashed."""
+        if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+            return cls(_id_values(arr, cardinality))
+        lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int32)
+        return cls(_id_values(pc.list_flatten(arr), cardinality), lengths,
+                   np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
+
+    def gather(self, rows: Rows, lengths: np.ndarray | None, out: np.ndarray) -> None:
+        """The ids of `rows` into `out`; multi-hot columns need the rows' `lengths`."""
+        if self.offsets is None:
+            return _gather(self.values, rows, out)
+        # each id's position in `values`: its row's start there, plus its rank within the row
+        shift = self.offsets[:-1][rows] - (np.cumsum(lengths, dtype=np.int64) - lengths)
+        _gather(self.values, np.repeat(shift, lengths) + np.arange(len(out)), out)
+
+
+@dataclass
+class Block:
+    """A checked row group as numpy arrays (zero-copy where Arrow allows) and the epoch's order
+    of its rows. Batches gather from it straight into their tensors (one copy a value) rather
+    than permuting it first."""
+
+    dense: np.ndarray  # [N, D] float32
+    labels: np.ndarray  # [N, T] float32
+    weights: np.ndarray  # [N] float32
+    row_ids: np.ndarray  # [N] int64
+    ids: list[Ids]  # per categorical column
+    order: np.ndarray | None = None  # the rows' order; None: as in the file
+
+    @classmethod
+    def from_table(cls, table: pa.Table, columns: Columns, row_ids: np.ndarray,
+                   weights: np.ndarray | None = None, order: np.ndarray | None = None) -> "Block":
+        """`row_ids`: the rows' indices in their split; `weights` None: all 1."""
+        return cls(
+            dense=_float_matrix(table, columns.dense),
+            labels=_float_matrix(table, columns.labels),
+            weights=np.ones(table.num_rows, np.float32) if weights is None else weights,
+            row_ids=row_ids.astype(np.int64, copy=False),
+            ids=[Ids.from_arrow(table.column(c), card)
+                 for c, card in zip(columns.categorical, columns.cardinality)],
+            order=order,
+        )
+
+    def rows(self, lo: int, hi: int) -> Rows:
+        """Positions [lo, hi) of the order."""
+        return slice(lo, hi) if self.order is None else self.order[lo:hi]
+
+
+Piece = tuple[Block, int, int]  # positions [lo, hi) of a block
+
+
+@dataclass
+class _Slot:
+    """Where a piece goes in a chunk."""
+
+    block: Block
+    rows: Rows  # its rows of the block
+    row: int  # its first row in the chunk
+    n: int  # its number of rows
+    lengths: np.ndarray | None  # [keys, n]: its part of the chunk's KJT lengths; None: all ones
+
+    def count(self, k: int) -> int:
+        """Its number of ids of key k."""
+        return self.n if self.block.ids[k].offsets is None else int(self.lengths[k].sum())
+
+
+@dataclass
+class Chunk:
+    """Consecutive batches packed into at most six tensors. A DataLoader worker sends every
+    tensor as a shared-memory segment of its own, so a chunk of eight batches costs about an
+    eighth of eight separate ones; `batches` cuts views out of them."""
+
+    keys: list[str]
+    sizes: list[int]  # rows of each batch
+    counts: list[int]  # ids of each batch, all keys together
+    dense: torch.Tensor  # [R, D] float32, the batches' rows one after the other
+    labels: torch.Tensor  # [R, T] float32
+    weights: torch.Tensor  # [R] float32
+    row_ids: torch.Tensor  # [R] int64
+    values: torch.Tensor  # int64, each batch's KJT values (key-major) one after the other
+    lengths: torch.Tensor | None  # int32, likewise its KJT lengths; None: all ones, not shipped
+
+    @classmethod
+    def pack(cls, batches: list[list[Piece]], columns: Columns) -> "Chunk":
+        """Gathers each batch's pieces into one chunk (an evaluation batch may have none)."""
+        keys, f = list(columns.categorical), len(columns.categorical)
+        sizes = [sum(hi - lo for _, lo, hi in pieces) for pieces in batches]
+        rows = sum(sizes)
+        dense = np.empty((rows, len(columns.dense)), np.float32)
+        labels = np.empty((rows, len(columns.labels)), np.float32)
+        weights, row_ids = np.empty(rows, np.float32), np.empty(rows, np.int64)
+        blocks = [block for pieces in batches for block, _, _ in pieces]
+        multi = [k for k, ids in enumerate(blocks[0].ids) if ids.offsets is not None] if blocks else []
+        lengths = np.ones(rows * f, np.int32) if multi else None  # single-hot columns keep the ones
+        slots: list[list[_Slot]] = []  # per batch
+        row = 0
+        for pieces, size in zip(batches, sizes):
+            kjt = None if lengths is None else lengths[row * f:(row + size) * f].reshape(f, size)
+            at, batch = 0, []
+            for block, lo, hi in pieces:
+                batch.append(_Slot(block, block.rows(lo, hi), row + at, hi - lo,
+                                   None if kjt is None else kjt[:, at:at + hi - lo]))
+                at += hi - lo
+            slots.append(batch)
+            row += size
+        for slot in (s for batch in slots for s in batch):
+            for out, src in ((dense, slot.block.dense), (labels, slot.block.labels),
+                             (weights, slot.block.weights), (row_ids, slot.block.row_ids)):
+                _gather(src, slot.rows, out[slot.row:slot.row + slot.n])
+            for k in multi:
+                _gather(slot.block.ids[k].lengths, slot.rows, slot.lengths[k])
+        # where each piece's ids of each key go: batch after batch, key after key (KJT values
+        # are key-major), piece after piece
+        places, counts, end = [], [], 0
+        for batch in slots:
+            start = end
+            for k in range(f):
+                for slot in batch:
+                    n = slot.count(k)
+                    places.append((k, slot, end, end + n))
+                    end += n
+            counts.append(end - start)
+        values = np.empty(end, np.int64)
+        # key by key: a column stays in the CPU cache through all the batches
+        for k, slot, a, b in sorted(places, key=lambda p: p[0]):
+            ids_lengths = None if slot.lengths is None else slot.lengths[k]
+            slot.block.ids[k].gather(slot.rows, ids_lengths, values[a:b])
+        return cls(keys, sizes, counts, *(None if arr is None else torch.from_numpy(arr)
+                                          for arr in (dense, labels, weights, row_ids, values, lengths)))
+
+    def kjt_lengths(self) -> torch.Tensor:
+        """The KJT lengths of all its batches (made here when they are all ones)."""
+        if self.lengths is None:
+            return torch.from_numpy(np.ones(sum(self.sizes) * len(self.keys), np.int32))
+        return self.lengths
+
+    def batches(self) -> Iterator[Batch]:
+        """Its batches, as views of its tensors."""
+        r = v = 0
+        f, lengths = len(self.keys), self.kjt_lengths()
+        for size, count in zip(self.sizes, self.counts):
+            kjt = KeyedJaggedTensor(keys=self.keys, values=self.values[v:v + count],
+                                    lengths=lengths[r * f:(r + size) * f])
+            yield Batch(self.dense[r:r + size], kjt, self.labels[r:r + size], self.weights[r:r + size],
+                        self.row_ids[r:r + size])
+            r, v = r + size, v + count
+
+    def pin_memory(self) -> "Chunk":
+        return Chunk(self.keys, self.sizes, self.counts, *(t.pin_memory() for t in (
+            self.dense, self.labels, self.weights, self.row_ids, self.values, self.kjt_lengths())))
 
 
 def arrow_to_batch(table: pa.Table, columns: Columns, row_ids: np.ndarray,
                    weights: np.ndarray | None = None) -> Batch:
     """Converts checked Arrow rows into a `Batch`, in the column order of `columns`."""
-    lengths, values = zip(*(_ids(table.column(c), n) for c, n in
-                            zip(columns.categorical, columns.cardinality))) if columns.categorical \
-        else ((), ())
-    kjt = KeyedJaggedTensor(
-        keys=list(columns.categorical),
-        values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
-        lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int32)),
-    )
-    n = table.num_rows
-    return Batch(
-        dense=_float_matrix(table, columns.dense),
-        sparse_features=kjt,
-        labels=_float_matrix(table, columns.labels),
-        weights=torch.from_numpy(np.ones(n, np.float32) if weights is None else weights),
-        row_ids=torch.from_numpy(row_ids.astype(np.int64, copy=False)),
-    )
+    block = Block.from_table(table, columns, row_ids, weights)
+    return next(Chunk.pack([[(block, 0, table.num_rows)]], columns).batches())
 
 
 # ---------------------------------------------------------------------------------------
@@ -374,10 +528,11 @@ def consume(spans: list[Span], world_size: int, rows_per_rank: int) -> list[Span
 
 
 class ParquetBatches(IterableDataset):
-    """Yields lists of `Batch` (chunks of consecutive batches) for one rank and one epoch.
+    """Yields `Chunk`s (consecutive batches) for one rank and one epoch.
 
     DataLoader workers take chunks round-robin, so each worker decodes only the row groups
-    its chunks touch; `iter_batches` flattens the chunks back into step order.
+    its chunks touch; `iter_batches` cuts the chunks back into batches in step order. Helper
+    threads decode the next row groups while the current ones are packed into chunks.
     """
 
     def __init__(self, dataset: str | Path, split: str, columns: Columns, label_kinds: tuple[str, ...],
@@ -393,6 +548,7 @@ class ParquetBatches(IterableDataset):
         self.train, self.seed, self.shuffle = train, seed, shuffle and train
         self.on_bad_rows, self.chunk_batches = on_bad_rows, chunk_batches
         self.position = Position()
+        self._footers: dict[str, pq.FileMetaData] = {}
         if self.total_rows < world_size:
             raise DataError(f"{Path(dataset) / split}: {self.total_rows} rows cannot give each of "
                             f"{world_size} ranks at least one row")
@@ -416,11 +572,15 @@ class ParquetBatches(IterableDataset):
     def __len__(self) -> int:
         return len(self.plan()[1])
 
-    def _read(self, gi: int, epoch: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
-        """Decodes, checks and permutes one row group: (table, row ids, weights)."""
+    def _read(self, gi: int, epoch: int) -> Block:
+        """Decodes and checks one row group; draws its row order."""
         g = self.groups[gi]
         try:
-            table = pq.ParquetFile(g.file).read_row_group(g.index, columns=self.columns.all)
+            # the footer is parsed once per file (not memory-mapped: a file cut short while
+            # it is read must raise the error below, not kill the process with SIGBUS)
+            file = pq.ParquetFile(g.file, metadata=self._footers.get(g.file))
+            self._footers[g.file] = file.metadata
+            table = file.read_row_group(g.index, columns=self.columns.all)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"{g.file}: row group {g.index} cannot be read ({' '.join(str(e).split())}); "
                             f"the file is damaged: rewrite it with the converter") from e
@@ -429,9 +589,23 @@ class ParquetBatches(IterableDataset):
                                 skip=self.on_bad_rows == "skip")
         if bad is not None:
             table = checks.clean_rows(table, self.columns, bad)
-        perm = row_permutation(g, self.seed, epoch, self.shuffle)
-        weights = np.ones(g.rows, np.float32) if bad is None else (~bad).astype(np.float32)[perm]
-        return table.take(pa.array(perm)), g.first_row + perm, weights
+        weights = None if bad is None else (~bad).astype(np.float32)
+        order = row_permutation(g, self.seed, epoch, self.shuffle) if self.shuffle else None
+        return Block.from_table(table, self.columns, g.first_row + np.arange(g.rows), weights, order)
+
+    def _read_ahead(self, groups: list[int], epoch: int) -> Iterator[Block]:
+        """`_read` of each of `groups` in turn, done on helper threads READ_AHEAD row groups
+        ahead: pyarrow and numpy release the GIL, so decoding overlaps packing."""
+        pool, pending = ThreadPoolExecutor(READ_AHEAD), deque()
+        try:
+            for gi in groups:
+                pending.append(pool.submit(self._read, gi, epoch))
+                if len(pending) > READ_AHEAD:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            pool.shutdown(cancel_futures=True)
 
     def _chunks(self, share: list[Span], sizes: list[int]) -> list[list[tuple[int, int]]]:
         """Batches as (start, size) in share positions, grouped into chunks."""
@@ -439,7 +613,7 @@ class ParquetBatches(IterableDataset):
         pairs = list(zip(starts, sizes))
         return [pairs[i:i + self.chunk_batches] for i in range(0, len(pairs), self.chunk_batches)]
 
-    def __iter__(self) -> Iterator[list[Batch]]:
+    def __iter__(self) -> Iterator[Chunk]:
         share, sizes = self.plan()
         epoch = self.position.epoch
         order = epoch_order(self.groups, self.seed, epoch, self.shuffle)
@@ -447,29 +621,36 @@ class ParquetBatches(IterableDataset):
         offsets = np.concatenate([[0], np.cumsum([self.groups[g].rows for g in order])])
         info = torch.utils.data.get_worker_info()
         workers, me = (info.num_workers, info.id) if info else (1, 0)
-        cache: dict[int, tuple[pa.Table, np.ndarray, np.ndarray]] = {}
-        for ci, chunk in enumerate(self._chunks(share, sizes)):
-            if ci % workers != me:
-                continue
-            out = []
-            for start, size in chunk:
-                pieces = []
-                for a, b in take_spans(share, start, size):
-                    # row groups covering global positions [a, b)
-                    k = int(np.searchsorted(offsets, a, side="right")) - 1
-                    while a < b:
-                        gi = order[k]
-                        if gi not in cache:
-                            cache.clear()  # keep one decoded row group per worker
-                            cache[gi] = self._read(gi, epoch)
-                        table, ids, w = cache[gi]
-                        lo, hi = a - offsets[k], min(b, offsets[k + 1]) - offsets[k]
-                        pieces.append((table.slice(lo, hi - lo), ids[lo:hi], w[lo:hi]))
-                        a, k = offsets[k] + hi, k + 1
-                table = pa.concat_tables([p[0] for p in pieces])
-                out.append(arrow_to_batch(table, self.columns, np.concatenate([p[1] for p in pieces]),
-                                          np.concatenate([p[2] for p in pieces])))
-            yield out
+        # this worker's chunks, each batch as (row group, lo, hi) pieces
+        chunks = [[self._pieces(share, start, size, order, offsets) for start, size in chunk]
+                  for ci, chunk in enumerate(self._chunks(share, sizes)) if ci % workers == me]
+        needed = [gi for gi, _ in groupby(gi for chunk in chunks for pieces in chunk for gi, _, _ in pieces)]
+        blocks = self._read_ahead(needed, epoch)
+        held, block = -1, None
+        for chunk in chunks:
+            batches = []
+            for pieces in chunk:
+                batches.append([])
+                for gi, lo, hi in pieces:
+                    if gi != held:  # the next one: row groups come in the order needed
+                        held, block = gi, next(blocks)
+                    batches[-1].append((block, lo, hi))
+            yield Chunk.pack(batches, self.columns)
+
+    @staticmethod
+    def _pieces(share: list[Span], start: int, size: int, order: list[int],
+                offsets: np.ndarray) -> list[tuple[int, int, int]]:
+        """Share positions [start, start + size) as (row group, lo, hi): rows [lo, hi) of the
+        row group in its permuted order."""
+        pieces = []
+        for a, b in take_spans(share, start, size):
+            # row groups covering global positions [a, b)
+            k = int(np.searchsorted(offsets, a, side="right")) - 1
+            while a < b:
+                lo, hi = a - offsets[k], min(b, offsets[k + 1]) - offsets[k]
+                pieces.append((order[k], int(lo), int(hi)))
+                a, k = offsets[k] + hi, k + 1
+        return pieces
 
 
 def iter_batches(dataset: ParquetBatches, num_workers: int, pin_memory: bool) -> Iterator[Batch]:
@@ -481,7 +662,7 @@ def iter_batches(dataset: ParquetBatches, num_workers: int, pin_memory: bool) ->
                         generator=torch.Generator())
     try:
         for chunk in loader:
-            yield from chunk
+            yield from chunk.batches()
     except DataError as e:
         # a worker's error arrives with its traceback in the message; keep the one line
         raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None

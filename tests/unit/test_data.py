@@ -1,11 +1,15 @@
+import dataclasses
+import hashlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from app.data import (Columns, ParquetBatches, Position, Schema, arrow_to_batch, consume,
-                      iter_batches, rank_share, span_rows)
+from app.data import (Columns, ParquetBatches, Position, RowGroup, Schema, arrow_to_batch, batch_sizes,
+                      consume, epoch_order, iter_batches, rank_share, row_permutation, span_rows,
+                      take_spans)
 
 
 def uneven_dataset(root):
@@ -113,3 +117,195 @@ def test_arrow_to_batch_multi_hot_and_strings():
     assert batch.dense.shape == (3, 1) and batch.labels.tolist() == [[1.0], [0.0], [1.0]]
     again = arrow_to_batch(table, columns, np.arange(3)).sparse_features["city"].values().tolist()
     assert again == city  # string hashing is stable
+
+
+# ---------------------------------------------------------------------------------------
+# The reader against a reference built straight from pyarrow
+
+
+def _hash(s: str, card: int) -> int:
+    return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") % card
+
+
+def reference(root, columns, batch_size, rank, world, *, train, seed, shuffle, position, bad=()):
+    """Expected batches of one rank: the whole split read with pyarrow, rows put in the epoch's
+    global order with the reader's permutation functions and cut into the rank's batches.
+    `bad` rows (indices in the split) carry weight 0, zero values and empty lists."""
+    files = sorted((root / "train").glob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(f, columns=columns.all) for f in files])
+    groups, first = [], 0
+    for f in files:
+        meta = pq.ParquetFile(f).metadata
+        for i in range(meta.num_row_groups):
+            if meta.row_group(i).num_rows:
+                groups.append(RowGroup(str(f), i, meta.row_group(i).num_rows, first))
+                first += groups[-1].rows
+    shuffle = shuffle and train
+    # the split's row indices in the epoch's global order
+    order = np.concatenate([groups[g].first_row + row_permutation(groups[g], seed, position.epoch, shuffle)
+                            for g in epoch_order(groups, seed, position.epoch, shuffle)])
+    spans = position.remaining or [(0, first)]
+    share = rank_share(spans, rank, world, train)
+    largest = span_rows(rank_share(spans, 0, world, train))
+    offsets = dict(zip(columns.categorical, columns.offsets or [0] * len(columns.categorical)))
+    out, start = [], 0
+    for size in batch_sizes(span_rows(share), largest, batch_size, train):
+        rows = np.concatenate([order[:0]] + [order[a:b] for a, b in take_spans(share, start, size)])
+        start += size
+        weights = np.array([0.0 if r in bad else 1.0 for r in rows], np.float32)
+
+        def cells(name):  # None for a bad row
+            return [None if r in bad else table.column(name)[int(r)].as_py() for r in rows]
+
+        def floats(names):
+            cols = [[0.0 if v is None else v for v in cells(n)] for n in names]
+            return np.array(cols, np.float32).T.reshape(size, len(names))
+
+        lengths, values = [], []
+        for name, card in zip(columns.categorical, columns.cardinality):
+            strings = pa.types.is_string(_leaf(table.schema.field(name).type))
+            for cell in cells(name):
+                # a bad row has no ids (multi-hot), or id 0, or the hash of "" (strings)
+                ids = (cell or []) if name in columns.multi_hot else [cell]
+                ids = [_hash(x or "", card) if strings else 0 if x is None else x - offsets[name]
+                       for x in ids]
+                lengths.append(len(ids))
+                values += ids
+        out.append({"dense": floats(columns.dense), "labels": floats(columns.labels), "weights": weights,
+                    "row_ids": rows.astype(np.int64), "keys": list(columns.categorical),
+                    "values": np.array(values, np.int64), "lengths": np.array(lengths, np.int32)})
+    return out
+
+
+def _leaf(tp):
+    return tp.value_type if pa.types.is_list(tp) else tp
+
+
+def assert_same(batches, expected):
+    assert len(batches) == len(expected)
+    for i, (b, e) in enumerate(zip(batches, expected)):
+        got = {"dense": b.dense, "labels": b.labels, "weights": b.weights, "row_ids": b.row_ids,
+               "values": b.sparse_features.values(), "lengths": b.sparse_features.lengths()}
+        assert b.sparse_features.keys() == e["keys"], f"batch {i}: keys"
+        for name, tensor in got.items():
+            want = e[name]
+            have = tensor.numpy()
+            assert have.dtype == want.dtype and have.shape == want.shape, \
+                f"batch {i}, {name}: {have.dtype}{have.shape} != {want.dtype}{want.shape}"
+            assert have.tobytes() == want.tobytes(), f"batch {i}, {name}: values differ"
+
+
+def mixed_dataset(root, offsets=(0, 0)):
+    """Two files in row groups of 50: int32 and string ids, a multi-hot int list (some lists
+    null or empty), a multi-hot string list, two labels, float64 and int dense columns."""
+    (root / "train").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    start = 0
+    for i, rows in enumerate([230, 170]):
+        idx = np.arange(start, start + rows)
+        tags = [None if r % 11 == 0 else rng.integers(0, 9, r % 4).tolist() for r in idx]
+        table = pa.table({
+            "y": (idx % 2).astype(np.float32), "z": (idx % 3 == 0).astype(np.float64),
+            "x": idx.astype(np.float64) / 7, "n": pa.array(idx % 5, pa.int32()),
+            "c": pa.array(idx % 13 + offsets[0], pa.int32()),
+            "city": pa.array([f"city{r % 17}" for r in idx]),
+            "tags": pa.array([None if t is None else [v + offsets[1] for v in t] for t in tags],
+                             pa.list_(pa.int64())),
+            "words": pa.array([[f"w{r % 5}"] * (r % 3) for r in idx], pa.list_(pa.string())),
+        })
+        pq.write_table(table, root / "train" / f"part-{i}.parquet", row_group_size=50)
+        start += rows
+    schema = Schema(labels=["y", "z"], dense=["x", "n"],
+                    categorical={"c": 13, "city": 1000, "tags": 9, "words": 50}, multi_hot=["tags", "words"])
+    schema.save(root)
+    columns = Columns.resolve(schema, ["y", "z"], [], ["tags", "c", "words", "city"], "test")
+    return dataclasses.replace(columns, offsets=tuple(offsets[0] if c == "c" else offsets[1] if c == "tags"
+                                                      else 0 for c in columns.categorical))
+
+
+def read_rank(root, columns, batch_size, rank, world, *, workers=0, position=None, kinds=("binary",),
+              **kwargs):
+    ds = ParquetBatches(root, "train", columns, kinds, batch_size, rank, world, **kwargs)
+    if position is not None:
+        ds.set_position(position)
+    return list(iter_batches(ds, num_workers=workers, pin_memory=False))
+
+
+@pytest.mark.parametrize("world,train,shuffle,batch_size,chunk", [
+    (1, True, True, 128, 8), (2, True, False, 100, 3), (3, False, True, 250, 1), (3, True, True, 64, 5)])
+@pytest.mark.parametrize("resume", [False, True])
+def test_batches_match_a_pyarrow_reference(tmp_path, world, train, shuffle, batch_size, chunk, resume):
+    columns = uneven_dataset(tmp_path)
+    position = Position(1, consume([(0, 6040)], 2, 700) if resume else None)
+    for rank in range(world):
+        got = read_rank(tmp_path, columns, batch_size, rank, world, position=position, train=train,
+                        seed=3, shuffle=shuffle, chunk_batches=chunk)
+        assert_same(got, reference(tmp_path, columns, batch_size, rank, world, train=train, seed=3,
+                                   shuffle=shuffle, position=position))
+
+
+@pytest.mark.parametrize("offsets", [(0, 0), (100, 7)])
+@pytest.mark.parametrize("world,train", [(1, True), (2, False)])
+def test_multi_hot_strings_and_offsets_match_the_reference(tmp_path, offsets, world, train):
+    columns = mixed_dataset(tmp_path, offsets)
+    for rank in range(world):
+        got = read_rank(tmp_path, columns, 32, rank, world, kinds=("binary", "binary"), train=train,
+                        seed=1, chunk_batches=2)
+        assert_same(got, reference(tmp_path, columns, 32, rank, world, train=train, seed=1, shuffle=True,
+                                   position=Position()))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_match_the_reference(tmp_path, workers):
+    columns = mixed_dataset(tmp_path, (3, 2))
+    got = read_rank(tmp_path, columns, 24, 1, 2, workers=workers, kinds=("binary", "binary"),
+                    train=True, seed=4, chunk_batches=3)
+    assert_same(got, reference(tmp_path, columns, 24, 1, 2, train=True, seed=4, shuffle=True,
+                               position=Position()))
+
+
+def test_skipped_rows_match_the_reference(tmp_path):
+    (tmp_path / "train").mkdir()
+    n = 40
+    x = np.arange(n, dtype=np.float32)
+    x[[3, 17]] = [np.nan, np.inf]
+    c = (np.arange(n) % 10).tolist()
+    c[21], c[30] = 10, None
+    city = [f"c{i % 4}" for i in range(n)]
+    city[8] = None
+    tags = [[i % 10, (i + 1) % 10] for i in range(n)]
+    tags[25], tags[33] = [1, None], [12]
+    y = (np.arange(n) % 2).astype(np.float32)
+    y[36] = 0.5
+    pq.write_table(pa.table({"y": y, "x": x, "c": pa.array(c, pa.int64()), "city": city,
+                             "tags": pa.array(tags, pa.list_(pa.int64()))}),
+                   tmp_path / "train" / "part-0.parquet", row_group_size=16)
+    schema = Schema(labels=["y"], dense=["x"], categorical={"c": 10, "city": 100, "tags": 10},
+                    multi_hot=["tags"])
+    schema.save(tmp_path)
+    columns = Columns.resolve(schema, ["y"], [], [], "test")
+    bad = {3, 17, 21, 30, 8, 25, 33, 36}
+    for workers in (0, 1):
+        got = read_rank(tmp_path, columns, 6, 0, 1, workers=workers, train=True, seed=2,
+                        on_bad_rows="skip", chunk_batches=4)
+        assert_same(got, reference(tmp_path, columns, 6, 0, 1, train=True, seed=2, shuffle=True,
+                                   position=Position(), bad=bad))
+
+
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_evaluation_batches_of_a_short_share_match_the_reference(tmp_path, chunk):
+    """10 rows on 4 ranks in batches of 1: ranks 2 and 3 have 2 rows for 3 steps, so their
+    last batch is empty (every rank takes the same number of steps)."""
+    (tmp_path / "train").mkdir()
+    idx = np.arange(10)
+    pq.write_table(pa.table({"y": (idx % 2).astype(np.float32), "x": idx.astype(np.float32),
+                             "c": idx % 7, "tags": [[i] * (i % 3) for i in idx]}),
+                   tmp_path / "train" / "part-0.parquet", row_group_size=4)
+    schema = Schema(labels=["y"], dense=["x"], categorical={"c": 7, "tags": 10}, multi_hot=["tags"])
+    schema.save(tmp_path)
+    columns = Columns.resolve(schema, ["y"], [], [], "test")
+    for rank in range(4):
+        got = read_rank(tmp_path, columns, 1, rank, 4, train=False, chunk_batches=chunk)
+        assert_same(got, reference(tmp_path, columns, 1, rank, 4, train=False, seed=0, shuffle=False,
+                                   position=Position()))
+    assert [len(b) for b in got] == [1, 1, 0]
