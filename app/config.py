@@ -58,6 +58,9 @@ class ModelConfig:
     dropout: float = 0.0
     activation: str = "relu"  # "relu", "gelu" or "silu"
     precision: str = "fp32"  # "bf16": autocast the dense head and towers (fp32 master weights)
+    # torch.compile the head and towers: fused kernels and fewer launches (a GPU step is bound
+    # by host work); the first steps of training and of evaluation compile
+    compile: bool = False
     # How task losses are summed (app/model.py, LossBalancer): "fixed" (tasks.*.weight),
     # "uncertainty" (learned log-variances, Kendall et al. 2018) or "gradnorm" (learned weights
     # that equalize gradient norms at the last shared layer, Chen et al. 2018)

@@ -126,6 +126,9 @@ class MultiTaskModel(nn.Module):
         # all towers in one batched MLP: tower t is slice t of each weight, in config order
         self.towers = BatchedMLP(len(tasks), [self.head.out_dim, *cfg.tower_layers, 1], cfg.activation,
                                  cfg.dropout, last_activation=False).to(device)
+        if cfg.compile:  # in place: parameter names, plans and checkpoints stay the same
+            self.head.compile()
+            self.towers.compile()
         self.autocast = cfg.precision == "bf16"
         self.device_type = torch.device(device).type  # a str, not read off a traced tensor
 
