@@ -219,8 +219,7 @@ class MultiTaskTrain(nn.Module):
         self.register_buffer("binary", torch.tensor(binary, device=device), persistent=False)
         # the loss kinds present (each step launches only their kernels)
         self.kinds = "binary" if all(binary) else "regression" if not any(binary) else "mixed"
-        self.balancer = LossBalancer(model.cfg.loss_balancing, [t.weight for t in tasks.values()],
-                                     [t.type == "binary" for t in tasks.values()],
+        self.balancer = LossBalancer(model.cfg.loss_balancing, [t.weight for t in tasks.values()], binary,
                                      model.cfg.gradnorm_alpha, device)
         self.gradnorm = model.cfg.loss_balancing == "gradnorm"
 

@@ -117,7 +117,8 @@ def build(cfg: Config, env: Env, columns: Columns):
     if replicated:
         optimizers.append(("replicated_tables", KeyedOptimizerWrapper(
             replicated, lambda ps: SPARSE_OPTIMIZERS[cfg.optim.sparse](ps, **sparse_kwargs))))
-    # on a GPU, one fused kernel updates all dense weights (the per-tensor loops were 10% of a step)
+    # on a GPU, one fused kernel updates all dense weights (the per-tensor loops took 9% of the
+    # GPU's time in a Criteo-shape step)
     fused = {"fused": True} if env.device.type == "cuda" else {}
     optimizers.append(("dense", KeyedOptimizerWrapper(
         dense, lambda ps: DENSE_OPTIMIZERS[cfg.optim.dense](ps, lr=cfg.optim.dense_lr,
