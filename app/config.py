@@ -58,9 +58,11 @@ class ModelConfig:
     dropout: float = 0.0
     activation: str = "relu"  # "relu", "gelu" or "silu"
     precision: str = "fp32"  # "bf16": autocast the dense head and towers (fp32 master weights)
-    # torch.compile the head and towers: fused kernels and fewer launches (a GPU step is bound
-    # by host work); the first steps of training and of evaluation compile
-    compile: bool = False
+    # torch.compile of the head, towers and task losses (a GPU step is bound by host work):
+    # "auto" (reduce-overhead on a GPU, off on CPU), "off", "default" (fused kernels, fewer
+    # launches) or "reduce-overhead" (also CUDA graphs). The first steps compile; evaluation
+    # runs uncompiled.
+    compile: str = "auto"
     # How task losses are summed (app/model.py, LossBalancer): "fixed" (tasks.*.weight),
     # "uncertainty" (learned log-variances, Kendall et al. 2018) or "gradnorm" (learned weights
     # that equalize gradient norms at the last shared layer, Chen et al. 2018)
@@ -250,6 +252,7 @@ def validate(cfg: Config) -> None:
         "model.loss_balancing": (cfg.model.loss_balancing, ("fixed", "uncertainty", "gradnorm")),
         "model.activation": (cfg.model.activation, ("relu", "gelu", "silu")),
         "model.precision": (cfg.model.precision, ("fp32", "bf16")),
+        "model.compile": (cfg.model.compile, ("auto", "off", "default", "reduce-overhead")),
         "optim.dense": (cfg.optim.dense, ("adam", "sgd")),
         "optim.sparse": (cfg.optim.sparse, ("adagrad", "rowwise_adagrad", "sgd", "adam")),
         "data.on_bad_rows": (cfg.data.on_bad_rows, ("error", "skip")),

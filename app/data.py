@@ -307,7 +307,7 @@ class Chunk:
 
     keys: list[str]
     sizes: list[int]  # rows of each batch
-    counts: list[int]  # ids of each batch, all keys together
+    counts: list[list[int]]  # ids of each batch, key by key (the KJT's length_per_key)
     dense: torch.Tensor  # [R, D] float32, the batches' rows one after the other
     labels: torch.Tensor  # [R, T] float32
     weights: torch.Tensor  # [R] float32
@@ -348,13 +348,14 @@ class Chunk:
         # are key-major), piece after piece
         places, counts, end = [], [], 0
         for batch in slots:
-            start = end
+            counts.append([])
             for k in range(f):
+                start = end
                 for slot in batch:
                     n = slot.count(k)
                     places.append((k, slot, end, end + n))
                     end += n
-            counts.append(end - start)
+                counts[-1].append(end - start)
         values = np.empty(end, np.int64)
         # key by key: a column stays in the CPU cache through all the batches
         for k, slot, a, b in sorted(places, key=lambda p: p[0]):
@@ -370,12 +371,15 @@ class Chunk:
         return self.lengths
 
     def batches(self) -> Iterator[Batch]:
-        """Its batches, as views of its tensors."""
+        """Its batches, as views of its tensors. Each KJT carries its ids per key, which
+        TorchRec's input distribution would otherwise sum on the GPU and wait for."""
         r = v = 0
         f, lengths = len(self.keys), self.kjt_lengths()
-        for size, count in zip(self.sizes, self.counts):
+        for size, per_key in zip(self.sizes, self.counts):
+            count = sum(per_key)
             kjt = KeyedJaggedTensor(keys=self.keys, values=self.values[v:v + count],
-                                    lengths=lengths[r * f:(r + size) * f])
+                                    lengths=lengths[r * f:(r + size) * f], stride=size,
+                                    length_per_key=per_key)
             yield Batch(self.dense[r:r + size], kjt, self.labels[r:r + size], self.weights[r:r + size],
                         self.row_ids[r:r + size])
             r, v = r + size, v + count

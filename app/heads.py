@@ -75,8 +75,8 @@ class Experts(BatchedMLP):
             x = nn.functional.pad(x, (0, self.pad))
         h = torch.einsum("bi,eih->ebh", x, self.weights[0]) + self.biases[0]
         h = self.dropout(self.act(h))
-        for w, b in zip(self.weights[1:], self.biases[1:]):
-            h = self.dropout(self.act(torch.baddbmm(b, h, w)))
+        for i in range(1, len(self.weights)):  # by index: a slice of a ParameterList builds a new module
+            h = self.dropout(self.act(torch.baddbmm(self.biases[i], h, self.weights[i])))
         return h
 
 

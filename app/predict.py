@@ -16,7 +16,8 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from app import checkpoint
 from app.config import Config, load_config
 from app.data import iter_batches
-from app.train import Env, build, evaluate, init_distributed, resolve_columns, run_pipeline, split_data
+from app.train import (Env, build, evaluate, init_distributed, resolve_columns, run_pipeline, scoring,
+                       split_data)
 
 
 def restore(path: str | Path, overrides: list[str]) -> tuple[Config, Env, torch.nn.Module,
@@ -48,8 +49,7 @@ def predict(path: str | Path, split: str, out: str | Path, merge: bool, override
     cfg, env, dmp, pipeline = restore(path, overrides)
     data = split_data(cfg, env, resolve_columns(cfg), split, train=False)
     ids, scores = [], []
-    dmp.eval()
-    with torch.no_grad():
+    with scoring(dmp):
         batches = iter_batches(data, cfg.data.num_workers, env.device.type == "cuda")
         for o in run_pipeline(pipeline, batches):
             keep = o.weights > 0

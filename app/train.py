@@ -5,6 +5,7 @@ ranks, and on NCCL GPUs under torchrun.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -107,7 +108,9 @@ def build(cfg: Config, env: Env, columns: Columns):
                                 dict(sparse_kwargs))  # it adds keys to the dict it gets
     plan = training_plan(cfg.plan, wrapped, [table_name(f) for f in columns.categorical],
                          env.world_size, env.device.type, cfg.data.batch_size, env.local_world_size)
-    dmp = DistributedModelParallel(wrapped, device=env.device, plan=plan, sharders=sharders())
+    # one rank has nothing to all-reduce: no DDP (its hooks and bucket copies cost host time a step)
+    dmp = DistributedModelParallel(wrapped, device=env.device, plan=plan, sharders=sharders(),
+                                   init_data_parallel=env.world_size > 1)
     # Tables the plan replicates (data_parallel) are plain parameters after sharding, outside
     # the fused optimizer: give them the sparse optimizer too, stepped after DDP's all-reduce.
     unfused = dict(in_backward_optimizer_filter(dmp.named_parameters()))
@@ -174,14 +177,23 @@ class Feed:
 
 def evaluate(pipeline: TrainPipelineSparseDist, dmp: torch.nn.Module, data: ParquetBatches,
              cfg: Config, env: Env, split: str = "eval") -> dict[str, float]:
-    """Scores a whole split through the pipeline with the model in eval mode (no backward)."""
+    """Scores a whole split through the pipeline (see `scoring`)."""
     metrics = EvalMetrics(cfg.tasks).to(env.device)
-    dmp.eval()
-    with torch.no_grad():
+    with scoring(dmp):
         for out in run_pipeline(pipeline, iter_batches(data, cfg.data.num_workers, env.device.type == "cuda")):
             metrics.update(out.preds, out.labels, out.weights)
-    dmp.train()
     return metrics.compute(split)
+
+
+@contextlib.contextmanager
+def scoring(dmp: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (the pipeline then skips backward), no gradients, and the compiled parts
+    (`model.compile`) run eagerly: each scoring batch size would compile again, for a pass
+    made once per evaluation. Back to training mode after."""
+    dmp.eval()
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        yield
+    dmp.train()
 
 
 class StopSignal:

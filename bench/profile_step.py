@@ -11,6 +11,7 @@ Prints the ms/step of each, the profiler's top ops by GPU and by CPU time, and h
 GPU was; writes a Chrome trace to --trace. Takes the options of `bench/train.py`:
 
     python bench/profile_step.py --precision bf16 --rows 4000000 [--trace /tmp/trace.json.gz]
+                                 [--compile off] [--ddp]
     torchrun --standalone --nproc-per-node 4 bench/profile_step.py --precision bf16
 """
 from __future__ import annotations
@@ -60,6 +61,9 @@ def main() -> None:
     if "--trace" in argv:
         i = argv.index("--trace")
         trace, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    # --ddp: DDP around the dense part even on one rank (the trainer adds it from two ranks on)
+    ddp = "--ddp" in argv
+    argv = [a for a in argv if a != "--ddp"]
     args = bench.parse_args(argv)
     bench.quiet()
     args.device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
@@ -72,6 +76,8 @@ def main() -> None:
     say = print if env.rank == 0 else (lambda *a, **k: None)
     columns = resolve_columns(cfg)
     dmp, optimizer, plan = build(cfg, env, columns)
+    if ddp:
+        dmp.init_data_parallel()
     say(f"{env.world_size} rank(s), {precision}, batch {args.batch_size}, {args.num_workers} workers; plan:")
     say("\n".join(sorted({f"  {p.sharding_type}/{p.compute_kernel}" for m in plan.plan.values()
                           for p in m.values()})))
@@ -88,10 +94,12 @@ def main() -> None:
             metrics.update(out.losses, None)
 
     def timed(batches, update: bool, steps: int) -> float:
-        for _ in range(20):
+        start = time.perf_counter()
+        for _ in range(20):  # the first call also compiles (model.compile)
             step(batches, update)
         bench.sync(env.device)
         dist.barrier()
+        say(f"  20 warm-up steps: {time.perf_counter() - start:.1f} s", flush=True)
         start = time.perf_counter()
         for _ in range(steps):
             step(batches, update)

@@ -110,7 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int,
                    help="reader worker processes per rank (default: CPU cores per rank - 2 on GPU, 1 on CPU)")
     p.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
-    p.add_argument("--compile", action="store_true", help="the trainer with --model.compile true (e2e)")
+    p.add_argument("--compile", choices=("auto", "off", "default", "reduce-overhead"), default="auto",
+                   help="the trainer's --model.compile (auto: reduce-overhead, i.e. CUDA graphs, on a GPU)")
     p.add_argument("--e2e-seconds", type=float,
                    help=f"training time per precision; slower runs are stopped at 1.25x {gpu_cpu('e2e_seconds')}")
     p.add_argument("--e2e-steps", type=int,
@@ -286,7 +287,7 @@ def trainer_config(args: argparse.Namespace, precision: str = "fp32", run_dir: P
     overrides = ["--data.path", str(args.data), "--data.batch_size", str(args.batch_size),
                  "--data.eval_batch_size", str(args.batch_size), "--data.num_workers", str(args.num_workers),
                  "--model.embedding_dim", str(args.dim), "--model.precision", precision,
-                 "--model.compile", str(args.compile).lower(),
+                 "--model.compile", args.compile,
                  "--train.device", args.device, "--train.log_every", str(args.log_every),
                  "--train.checkpoint_every", "0", "--train.keep_checkpoints", "1", "--train.resume", "false",
                  "--train.tensorboard", "false", "--train.run_dir", str(run_dir or Path(args.work) / "run"),
@@ -498,7 +499,8 @@ def run_dense(args: argparse.Namespace, env: Env, precision: str, tf32: bool = F
     name = f"dense head {precision}" + (" + TF32" if tf32 else "")
     how = "bf16 autocast" if bf16 else "TF32 matmuls (trainer: off)" if tf32 else "fp32 matmuls, TF32 off"
     return Result(name, rates=[args.batch_size / per_step],
-                  notes=f"head+towers fwd+bwd+{cfg.optim.dense}, input [B, {width}]; {how}; {steps} steps")
+                  notes=f"head+towers fwd+bwd+{cfg.optim.dense}, input [B, {width}]; {how}; "
+                        f"compile {model.compile_mode}; {steps} steps")
 
 
 # ---------------------------------------------------------------------------------------

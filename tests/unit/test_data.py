@@ -187,6 +187,10 @@ def assert_same(batches, expected):
         got = {"dense": b.dense, "labels": b.labels, "weights": b.weights, "row_ids": b.row_ids,
                "values": b.sparse_features.values(), "lengths": b.sparse_features.lengths()}
         assert b.sparse_features.keys() == e["keys"], f"batch {i}: keys"
+        # the cached ids per key that TorchRec's input distribution reads instead of summing
+        per_key = e["lengths"].reshape(len(e["keys"]), -1).sum(1).tolist() if e["keys"] else []
+        assert b.sparse_features.length_per_key() == per_key, f"batch {i}: length_per_key"
+        assert b.sparse_features.stride() == len(e["dense"]), f"batch {i}: stride"
         for name, tensor in got.items():
             want = e[name]
             have = tensor.numpy()

@@ -5,7 +5,10 @@ import torch
 
 from app.config import ConfigError, ModelConfig, TaskConfig, load_config
 from app.data import Columns, Schema, arrow_to_batch
-from app.model import LossBalancer, MultiTaskModel, MultiTaskTrain, SparseArch, apply_chains, chain_order
+from torchrec.sparse.jagged_tensor import KeyedTensor
+
+from app.model import (DenseInput, LossBalancer, MultiTaskModel, MultiTaskTrain, SparseArch, apply_chains,
+                       chain_order, compile_mode)
 
 # --- ESMM-style chains ----------------------------------------------------------------------
 
@@ -74,6 +77,26 @@ def test_outputs_apply_the_product(tmp_path):
     loss.backward()
 
 
+def test_dense_input_takes_features_by_key_in_any_plan_order():
+    """A sharded collection returns plan order: the head must see column order either way."""
+    pooled = {f: torch.randn(5, d) for f, d in (("a", 2), ("b", 3), ("c", 1))}
+    dense = torch.randn(5, 2)
+    want = torch.cat([pooled["a"], pooled["b"], pooled["c"], dense], dim=1)
+    inputs = DenseInput(["a", "b", "c"])
+    for order in (["a", "b", "c"], ["c", "a", "b"], ["b", "c", "a"]):
+        kt = KeyedTensor.from_tensor_list(order, [pooled[f] for f in order])
+        torch.testing.assert_close(inputs(kt, dense), want, rtol=0, atol=0, msg=str(order))
+
+
+@pytest.mark.parametrize("cfg, device, want", [
+    (dict(), "cuda", "reduce-overhead"), (dict(), "cpu", "off"),
+    (dict(loss_balancing="gradnorm"), "cuda", "off"), (dict(compile="default"), "cpu", "default"),
+    (dict(compile="off"), "cuda", "off"),
+])
+def test_compile_auto_means_cuda_graphs_on_a_gpu_only(cfg, device, want):
+    assert compile_mode(ModelConfig(**cfg), device) == want
+
+
 def test_compiled_head_and_towers_match_eager(tmp_path):
     """model.compile: same parameter names (plans and checkpoints carry over), same losses,
     predictions and gradients as the eager model with the same weights."""
@@ -81,9 +104,11 @@ def test_compiled_head_and_towers_match_eager(tmp_path):
     batch = tiny_batch(columns, rows=64)
     tasks = {"click": TaskConfig(), "buy": TaskConfig()}
     eager = cpu_train_module(columns, tasks, CFG)
-    compiled = cpu_train_module(columns, tasks, ModelConfig(**{**CFG.__dict__, "compile": True}))
+    compiled = cpu_train_module(columns, tasks, ModelConfig(**{**CFG.__dict__, "compile": "default"}))
     assert list(compiled.state_dict()) == list(eager.state_dict())
-    assert compiled.model.head._compiled_call_impl is not None and eager.model.head._compiled_call_impl is None
+    assert all(m._compiled_call_impl is not None for m in (compiled.model.head, compiled.model.towers,
+                                                            compiled.task_losses))
+    assert eager.model.head._compiled_call_impl is None
     compiled.load_state_dict(eager.state_dict())
     for module in (eager, compiled):
         loss, out = module(batch)
