@@ -145,11 +145,11 @@ class MultiTaskModel(nn.Module):
         # all towers in one batched MLP: tower t is slice t of each weight, in config order
         self.towers = BatchedMLP(len(tasks), [self.head.out_dim, *cfg.tower_layers, 1], cfg.activation,
                                  cfg.dropout, last_activation=False).to(device)
-        self.compile_mode = compile_mode(cfg, torch.device(device).type)
+        self.device_type = torch.device(device).type  # a str, not read off a traced tensor
+        self.compile_mode = compile_mode(cfg, self.device_type)
         for module in (self.head, self.towers):  # in place: parameter names stay the same
             compile_in_place(module, self.compile_mode)
         self.autocast = cfg.precision == "bf16"
-        self.device_type = torch.device(device).type  # a str, not read off a traced tensor
 
     def forward(self, dense: torch.Tensor, features: KeyedJaggedTensor):
         x = self.inputs(self.sparse(features), dense)
@@ -289,7 +289,7 @@ def _gate_stats(gates: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def compile_mode(cfg: ModelConfig, device_type: str) -> str:
     """`model.compile` with "auto" resolved: CUDA graphs on a GPU, where a step is bound by
-    host work (1.18M -> 1.58M samples/s on one H100, Criteo shape, bf16); nothing on CPU,
+    host work (1.18M -> 1.48M samples/s from Parquet on one H100, Criteo shape, bf16); nothing on CPU,
     where compiling takes longer than most runs gain. GradNorm's second backward pass through
     the shared layer is not replayable, so it stays eager."""
     if cfg.compile != "auto":
