@@ -58,10 +58,10 @@ class ModelConfig:
     dropout: float = 0.0
     activation: str = "relu"  # "relu", "gelu" or "silu"
     precision: str = "fp32"  # "bf16": autocast the dense head and towers (fp32 master weights)
-    # torch.compile of the head, towers and task losses (a GPU step is bound by host work):
-    # "auto" (reduce-overhead on a GPU, off on CPU), "off", "default" (fused kernels, fewer
-    # launches) or "reduce-overhead" (also CUDA graphs). The first steps compile; evaluation
-    # runs uncompiled.
+    # torch.compile of all after the embedding lookup, head to loss, as one graph (a GPU step
+    # is bound by host work): "auto" (reduce-overhead on a GPU, off on CPU), "off", "default"
+    # (fused kernels, fewer launches) or "reduce-overhead" (also CUDA graphs). The first steps
+    # compile; evaluation runs uncompiled.
     compile: str = "auto"
     # How task losses are summed (app/model.py, LossBalancer): "fixed" (tasks.*.weight),
     # "uncertainty" (learned log-variances, Kendall et al. 2018) or "gradnorm" (learned weights

@@ -584,7 +584,10 @@ class ParquetBatches(IterableDataset):
             # it is read must raise the error below, not kill the process with SIGBUS)
             file = pq.ParquetFile(g.file, metadata=self._footers.get(g.file))
             self._footers[g.file] = file.metadata
-            table = file.read_row_group(g.index, columns=self.columns.all)
+            # in a reader worker, one thread: Arrow's pool (a thread per core in every worker)
+            # would take cores from the training process; the workers are the parallelism
+            table = file.read_row_group(g.index, columns=self.columns.all,
+                                        use_threads=torch.utils.data.get_worker_info() is None)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"{g.file}: row group {g.index} cannot be read ({' '.join(str(e).split())}); "
                             f"the file is damaged: rewrite it with the converter") from e

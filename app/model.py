@@ -146,13 +146,13 @@ class MultiTaskModel(nn.Module):
         self.towers = BatchedMLP(len(tasks), [self.head.out_dim, *cfg.tower_layers, 1], cfg.activation,
                                  cfg.dropout, last_activation=False).to(device)
         self.device_type = torch.device(device).type  # a str, not read off a traced tensor
-        self.compile_mode = compile_mode(cfg, self.device_type)
-        for module in (self.head, self.towers):  # in place: parameter names stay the same
-            compile_in_place(module, self.compile_mode)
         self.autocast = cfg.precision == "bf16"
 
     def forward(self, dense: torch.Tensor, features: KeyedJaggedTensor):
-        x = self.inputs(self.sparse(features), dense)
+        return self.dense_forward(self.inputs(self.sparse(features), dense))
+
+    def dense_forward(self, x: torch.Tensor):
+        """The head's input [B, F*d + D] -> (logits, gates): all but the embedding lookup."""
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
             h, gates = self.head(x)  # [B, T, H]
             logits = self.towers(h.transpose(0, 1)).squeeze(2).T  # [T, B, 1] -> [B, T]
@@ -227,8 +227,7 @@ class TaskLosses(nn.Module):
     predictions [B, T], gate statistics [T, E + 1] or None).
 
     Predictions are probabilities for binary tasks and raw values for regression tasks. Rows of
-    weight 0 (skipped as bad input) add nothing to any loss. Without parameters; a module so
-    that `model.compile` compiles it in place, like the head and towers.
+    weight 0 (skipped as bad input) add nothing to any loss.
     """
 
     def __init__(self, binary: list[bool], gate_stats: bool):
@@ -259,7 +258,8 @@ class MultiTaskTrain(nn.Module):
     """Batch -> (balanced loss, Outputs).
 
     The per-task losses (`TaskLosses`) become one scalar through `LossBalancer`
-    (`model.loss_balancing`).
+    (`model.loss_balancing`). Everything after the embedding lookup, from the head to that
+    scalar, is one `DenseStep`: what `model.compile` compiles.
     """
 
     def __init__(self, model: MultiTaskModel, tasks: dict[str, TaskConfig], gate_stats: bool = True):
@@ -268,16 +268,38 @@ class MultiTaskTrain(nn.Module):
         device = next(model.head.parameters()).device
         binary = [t.type == "binary" for t in tasks.values()]
         self.task_losses = TaskLosses(binary, gate_stats).to(device)
-        compile_in_place(self.task_losses, model.compile_mode)
         self.balancer = LossBalancer(model.cfg.loss_balancing, [t.weight for t in tasks.values()], binary,
                                      model.cfg.gradnorm_alpha, device)
         self.gradnorm = model.cfg.loss_balancing == "gradnorm"
+        self.compile_mode = compile_mode(model.cfg, model.device_type)
+        self.step = DenseStep(self.dense_step, self.compile_mode)
+
+    def dense_step(self, x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor):
+        """Head input -> (loss, per-task losses, predictions, gate statistics)."""
+        logits, gates = self.model.dense_forward(x)
+        losses, preds, stats = self.task_losses(logits, labels, weights, gates)
+        loss = self.balancer(losses, self.model.head.shared_weight if self.gradnorm else None)
+        return loss, losses.detach(), preds, stats
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, Outputs]:
-        logits, gates = self.model(batch.dense, batch.sparse_features)
-        losses, preds, stats = self.task_losses(logits, batch.labels, batch.weights, gates)
-        loss = self.balancer(losses, self.model.head.shared_weight if self.gradnorm else None)
-        return loss, Outputs(losses.detach(), preds, batch.labels, batch.weights, stats, batch.row_ids)
+        x = self.model.inputs(self.model.sparse(batch.sparse_features), batch.dense)
+        loss, losses, preds, stats = self.step(x, batch.labels, batch.weights)
+        return loss, Outputs(losses, preds, batch.labels, batch.weights, stats, batch.row_ids)
+
+
+class DenseStep(nn.Module):
+    """Calls `fn`, compiled as `model.compile` says: one graph (with CUDA graphs, one replay
+    forward and one backward) from the head's input to the loss. A module without parameters
+    or children, so that TorchRec's pipeline takes it as a leaf and does not trace into it;
+    the parameters stay where they are, under their names."""
+
+    def __init__(self, fn, mode: str):
+        super().__init__()
+        self.fn = fn if mode == "off" else torch.compile(
+            fn, mode=None if mode == "default" else mode, dynamic=False)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor):
+        return self.fn(x, labels, weights)
 
 
 def _gate_stats(gates: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -291,15 +313,9 @@ def compile_mode(cfg: ModelConfig, device_type: str) -> str:
     """`model.compile` with "auto" resolved: CUDA graphs on a GPU, where a step is bound by
     host work (1.18M -> 1.48M samples/s from Parquet on one H100, Criteo shape, bf16); nothing on CPU,
     where compiling takes longer than most runs gain. GradNorm's second backward pass through
-    the shared layer is not replayable, so it stays eager."""
+    the shared layer is not replayable, so it stays eager. "default": fused kernels, no CUDA
+    graphs. Shapes are static: a training run sees two batch sizes (full batches and one
+    tail), each compiled once."""
     if cfg.compile != "auto":
         return cfg.compile
     return "reduce-overhead" if device_type == "cuda" and cfg.loss_balancing != "gradnorm" else "off"
-
-
-def compile_in_place(module: nn.Module, mode: str) -> None:
-    """"default": fused kernels and fewer launches; "reduce-overhead": also CUDA graphs, each
-    compiled part's launches replayed as one. Shapes are static: a training run sees two
-    batch sizes (full batches and one tail), each compiled once."""
-    if mode != "off":
-        module.compile(mode=None if mode == "default" else mode, dynamic=False)

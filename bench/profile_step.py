@@ -7,15 +7,18 @@ times steady-state steps under several feeds and profiles a few steps with torch
   memory    the same number of pre-made pinned host batches, cycled (no reader cost)
   bare      memory, without the per-step train-metric update
 
-Prints the ms/step of each, the profiler's top ops by GPU and by CPU time, and how busy the
-GPU was; writes a Chrome trace to --trace. Takes the options of `bench/train.py`:
+Prints the ms/step of each, each rank's host time by pipeline phase (and in waits for the GPU
+or a collective), the profiler's top ops by GPU and by CPU time, and how busy the GPU was;
+writes a Chrome trace to --trace. Takes the options of `bench/train.py`:
 
     python bench/profile_step.py --precision bf16 --rows 4000000 [--trace /tmp/trace.json.gz]
-                                 [--compile off] [--ddp]
+                                 [--compile off] [--ddp] [--ddp-split] [--steps 150]
+                                 [-- trainer overrides]
     torchrun --standalone --nproc-per-node 4 bench/profile_step.py --precision bf16
 """
 from __future__ import annotations
 
+import argparse
 import gzip
 import importlib.util
 import itertools
@@ -55,16 +58,44 @@ def gpu_busy_seconds(trace: Path) -> float:
     return busy / 1e6  # the trace is in microseconds
 
 
+# host-side ops that wait for the GPU (a sync inside the step stalls the host's run-ahead)
+WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense",
+         "ncclCommWatchdog", "record_param_comms", "c10d::allreduce_", "c10d::alltoall_base_", "nccl:all_to_all",
+         "nccl:all_reduce")
+
+
+def host_breakdown(trace: Path, steps: int) -> list[tuple[str, float]]:
+    """Host ms per step in each of the pipeline's phases (TorchRec's "## name N ##" ranges,
+    numbers dropped) and in ops that wait for the GPU or a collective, from a Chrome trace."""
+    opener = gzip.open if trace.suffix == ".gz" else open
+    with opener(trace, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    total: dict[str, float] = {}
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") not in ("user_annotation", "cpu_op", "cuda_runtime"):
+            continue
+        name = e["name"]
+        if name.startswith("## "):
+            name = "## " + " ".join(w for w in name[3:-3].split() if not w.isdigit())
+        elif not name.startswith(WAITS):
+            continue
+        total[name] = total.get(name, 0.0) + e["dur"] / 1000 / steps
+    return sorted(total.items(), key=lambda kv: -kv[1])
+
+
 def main() -> None:
     argv = sys.argv[1:]
-    trace = None
-    if "--trace" in argv:
-        i = argv.index("--trace")
-        trace, argv = argv[i + 1], argv[:i] + argv[i + 2:]
-    # --ddp: DDP around the dense part even on one rank (the trainer adds it from two ranks on)
-    ddp = "--ddp" in argv
-    argv = [a for a in argv if a != "--ddp"]
-    args = bench.parse_args(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--trace")
+    # DDP around the dense part even on one rank (the trainer adds it from two ranks on)
+    p.add_argument("--ddp", action="store_true")
+    # let DDP's buckets split the compiled step into graphs (the trainer does not)
+    p.add_argument("--ddp-split", action="store_true")
+    p.add_argument("--steps", type=int, default=150, help="timed steps per feed")
+    own, rest = p.parse_known_args(argv[:cut])
+    trace = own.trace
+    args = bench.parse_args(rest + argv[cut:])  # options after "--" go to the trainer's config
     bench.quiet()
     args.device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     cuda = args.device == "cuda"
@@ -76,7 +107,9 @@ def main() -> None:
     say = print if env.rank == 0 else (lambda *a, **k: None)
     columns = resolve_columns(cfg)
     dmp, optimizer, plan = build(cfg, env, columns)
-    if ddp:
+    if own.ddp_split:
+        torch._dynamo.config.optimize_ddp = True
+    if own.ddp:
         dmp.init_data_parallel()
     say(f"{env.world_size} rank(s), {precision}, batch {args.batch_size}, {args.num_workers} workers; plan:")
     say("\n".join(sorted({f"  {p.sharding_type}/{p.compute_kernel}" for m in plan.plan.values()
@@ -108,7 +141,7 @@ def main() -> None:
 
     rows = []
     for name, batches, update in (("parquet", parquet, True), ("memory", memory, True), ("bare", memory, False)):
-        ms = timed(batches, update, 150)
+        ms = timed(batches, update, own.steps)
         rows.append((name, ms, args.batch_size / ms * 1000))
         say(f"{name}: {ms:.2f} ms/step, {rows[-1][2]:,.0f} samples/s per rank", flush=True)
 
@@ -123,10 +156,16 @@ def main() -> None:
             step(memory, True)
         bench.sync(env.device)
         wall = time.perf_counter() - start
+    raw = Path(trace).with_suffix("") if trace and env.rank == 0 else \
+        Path(args.work) / f"profile_trace_rank{env.rank}.json"
+    prof.export_chrome_trace(str(raw))
+    for r in range(env.world_size):  # each rank's host phases, in rank order
+        if r == env.rank:
+            print(f"rank {r} host ms/step under the profiler ({1000 * wall / steps:.2f} ms/step): " + ", ".join(
+                f"{name} {ms:.2f}" for name, ms in host_breakdown(raw, steps) if ms >= 0.02), flush=True)
+        dist.barrier()
     if env.rank == 0:
         averages = prof.key_averages()
-        raw = Path(trace).with_suffix("") if trace else Path(args.work) / "profile_trace.json"
-        prof.export_chrome_trace(str(raw))
         if cuda:
             print(averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
             busy = gpu_busy_seconds(raw)
@@ -136,10 +175,10 @@ def main() -> None:
         if trace:
             with open(raw, "rb") as f, gzip.open(trace, "wb") as g:
                 g.write(f.read())
-        raw.unlink()
         print("\n| feed | ms/step | samples/s per rank |\n| --- | ---: | ---: |")
         for name, ms, rate in rows:
             print(f"| {name} | {ms:.2f} | {rate:,.0f} |")
+    raw.unlink()
     dist.barrier()
     dist.destroy_process_group()
 

@@ -23,6 +23,7 @@ each run's final checkpoint (about 14 GB at full size) is deleted after it.
     make bench GPUS=4                # torchrun, 4 ranks
     torchrun --standalone --nproc-per-node 4 bench/train.py [--rows 24000000] [--skip naive]
     python bench/train.py --rows 100000 --e2e-steps 20 --phase-seconds 2   # a quick smoke run
+    python bench/train.py --skip naive -- --plan.sharding_types '["table_wise"]'  # trainer overrides
 
 Timing: e2e numbers come from RUN_DIR/metrics.jsonl (so the trainer's setup, final evaluation
 and checkpoint are outside them); the other phases time a fixed number of steps, after warm-up,
@@ -69,7 +70,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
 from app.config import Config, load_config  # noqa: E402
 from app.data import Batch, Columns, Schema, iter_batches  # noqa: E402
-from app.model import MultiTaskModel  # noqa: E402
+from app.model import MultiTaskModel, MultiTaskTrain  # noqa: E402
 from app.train import DENSE_OPTIMIZERS, Env, build, init_distributed, resolve_columns, split_data  # noqa: E402
 from app.train import train as run_trainer  # noqa: E402
 
@@ -108,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, help=f"embedding dimension {gpu_cpu('dim')}")
     p.add_argument("--batch-size", type=int, help=f"samples per rank per step {gpu_cpu('batch_size')}")
     p.add_argument("--num-workers", type=int,
-                   help="reader worker processes per rank (default: CPU cores per rank - 2 on GPU, 1 on CPU)")
+                   help="reader worker processes per rank (default on GPU: CPU cores per rank - 2, at most 8; 1 on CPU)")
     p.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
     p.add_argument("--compile", choices=("auto", "off", "default", "reduce-overhead"), default="auto",
                    help="the trainer's --model.compile (auto: reduce-overhead, i.e. CUDA graphs, on a GPU)")
@@ -130,7 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default="/tmp/mmoe-bench", help="folder for run directories and default data")
     p.add_argument("--skip", default="", help=f"comma-separated phases to leave out: {','.join(PHASES)}")
     p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
-    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:cut])
+    args.trainer = argv[cut + 1:]  # after "--": the trainer's own overrides, e.g. --plan.sharding_types
     args.skip = {s for s in args.skip.split(",") if s}
     unknown = args.skip - set(PHASES)
     if unknown:
@@ -145,7 +149,9 @@ def fill_defaults(args: argparse.Namespace, cuda: bool, world: int, local_world:
         if getattr(args, key) is None:
             setattr(args, key, gpu if cuda else cpu)
     if args.num_workers is None:
-        args.num_workers = max(1, (os.cpu_count() or 2) // local_world - 2) if cuda else 1
+        # 8 decode about 2.8M rows/s (0.35M each on an H100 machine's cores), more than a GPU
+        # takes; each one more is a process beside the training one, all decoding at an epoch's start
+        args.num_workers = min(8, max(1, (os.cpu_count() or 2) // local_world - 2)) if cuda else 1
     if args.e2e_steps is None:
         args.e2e_steps = math.ceil(args.e2e_seconds * TARGET_PER_GPU / args.batch_size) if cuda else 30
     args.precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
@@ -291,7 +297,7 @@ def trainer_config(args: argparse.Namespace, precision: str = "fp32", run_dir: P
                  "--train.device", args.device, "--train.log_every", str(args.log_every),
                  "--train.checkpoint_every", "0", "--train.keep_checkpoints", "1", "--train.resume", "false",
                  "--train.tensorboard", "false", "--train.run_dir", str(run_dir or Path(args.work) / "run"),
-                 *(more or [])]
+                 *args.trainer, *(more or [])]
     return load_config(CONFIG, overrides), overrides
 
 
@@ -466,25 +472,25 @@ def run_embedding(args: argparse.Namespace, env: Env) -> Result:
 
 
 def run_dense(args: argparse.Namespace, env: Env, precision: str, tf32: bool = False) -> Result:
-    """MMoE head + towers as `MultiTaskModel.forward` runs them after the embedding lookup;
-    the input needs a gradient, as the pooled embeddings do in training."""
+    """What the trainer runs after the embedding lookup (`MultiTaskTrain.step`: head, towers,
+    losses, compiled as `model.compile` says), with backward and the dense optimizer; the
+    input needs a gradient, as the pooled embeddings do in training."""
     cfg, _ = trainer_config(args, precision)
     columns = bench_columns(args)
     torch.manual_seed(0)
-    model = MultiTaskModel(columns, cfg.tasks, cfg.model, device=env.device)
-    params = [*model.head.parameters(), *model.towers.parameters()]
+    wrapped = MultiTaskTrain(MultiTaskModel(columns, cfg.tasks, cfg.model, device=env.device), cfg.tasks,
+                             cfg.train.gate_stats)
+    params = [p for p in wrapped.parameters() if p.device.type != "meta"]  # not the tables
     optimizer = DENSE_OPTIMIZERS[cfg.optim.dense](params, lr=cfg.optim.dense_lr)
     width = len(columns.categorical) * args.dim + len(columns.dense)
     inputs = [torch.randn(args.batch_size, width, device=env.device) for _ in range(4)]
     labels = torch.randint(0, 2, (args.batch_size, len(cfg.tasks)), device=env.device).float()
+    weights = torch.ones(args.batch_size, device=env.device)
     bf16 = precision == "bf16"
 
     def step(i: int) -> None:
         x = inputs[i % len(inputs)].requires_grad_()
-        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=bf16):
-            h, _ = model.head(x)
-            logits = model.towers(h.transpose(0, 1)).squeeze(2).T
-        loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
+        loss = wrapped.step(x, labels, weights)[0]
         optimizer.zero_grad(set_to_none=True)
         x.grad = None
         loss.backward()
@@ -499,8 +505,8 @@ def run_dense(args: argparse.Namespace, env: Env, precision: str, tf32: bool = F
     name = f"dense head {precision}" + (" + TF32" if tf32 else "")
     how = "bf16 autocast" if bf16 else "TF32 matmuls (trainer: off)" if tf32 else "fp32 matmuls, TF32 off"
     return Result(name, rates=[args.batch_size / per_step],
-                  notes=f"head+towers fwd+bwd+{cfg.optim.dense}, input [B, {width}]; {how}; "
-                        f"compile {model.compile_mode}; {steps} steps")
+                  notes=f"head+towers+losses fwd+bwd+{cfg.optim.dense}, input [B, {width}]; {how}; "
+                        f"compile {wrapped.compile_mode}; {steps} steps")
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from app.config import ConfigError, ModelConfig, TaskConfig, load_config
 from app.data import Columns, Schema, arrow_to_batch
@@ -97,23 +98,25 @@ def test_compile_auto_means_cuda_graphs_on_a_gpu_only(cfg, device, want):
     assert compile_mode(ModelConfig(**cfg), device) == want
 
 
-def test_compiled_head_and_towers_match_eager(tmp_path):
-    """model.compile: same parameter names (plans and checkpoints carry over), same losses,
-    predictions and gradients as the eager model with the same weights."""
+def test_compiled_step_is_one_graph_and_matches_eager(tmp_path):
+    """model.compile: everything after the lookup compiles to one graph (no breaks: a break
+    is another replay a step), with the same parameter names (plans and checkpoints carry
+    over) and the same losses, predictions and gradients as the eager model."""
     columns = tiny_columns(tmp_path)
     batch = tiny_batch(columns, rows=64)
-    tasks = {"click": TaskConfig(), "buy": TaskConfig()}
+    tasks = {"click": TaskConfig(), "buy": TaskConfig(multiply_by="click")}
     eager = cpu_train_module(columns, tasks, CFG)
     compiled = cpu_train_module(columns, tasks, ModelConfig(**{**CFG.__dict__, "compile": "default"}))
     assert list(compiled.state_dict()) == list(eager.state_dict())
-    assert all(m._compiled_call_impl is not None for m in (compiled.model.head, compiled.model.towers,
-                                                            compiled.task_losses))
-    assert eager.model.head._compiled_call_impl is None
+    assert eager.step.fn == eager.dense_step and compiled.step.fn != compiled.dense_step
     compiled.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
     for module in (eager, compiled):
         loss, out = module(batch)
         loss.backward()
         module.out = out
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     torch.testing.assert_close(compiled.out.losses, eager.out.losses)
     torch.testing.assert_close(compiled.out.preds, eager.out.preds)
     grads = {k: p.grad for k, p in eager.named_parameters()}
