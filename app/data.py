@@ -34,6 +34,7 @@ from app.checks import DataError
 
 SCHEMA_FILE = "schema.json"
 READ_AHEAD = 2  # row groups decoded ahead of the one being packed
+PREFETCH_CHUNKS = 4  # chunks each reader worker holds ready
 
 
 # ---------------------------------------------------------------------------------------
@@ -661,15 +662,27 @@ class ParquetBatches(IterableDataset):
 
 
 def iter_batches(dataset: ParquetBatches, num_workers: int, pin_memory: bool) -> Iterator[Batch]:
-    """Step-ordered batches of one epoch (or of what remains of it)."""
+    """Step-ordered batches of one epoch (or of what remains of it). The reader workers start
+    now, not at the first batch: made before an epoch ends, the next epoch's first batches
+    are decoded by the time they are needed (see `batches_in_flight`)."""
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                        persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                        persistent_workers=False, prefetch_factor=PREFETCH_CHUNKS if num_workers else None,
                         # its own generator: drawing worker seeds from the global one would
                         # shift dropout masks depending on when an epoch's loader starts
                         generator=torch.Generator())
+    return _unpack(iter(loader))
+
+
+def _unpack(chunks: Iterator[Chunk]) -> Iterator[Batch]:
     try:
-        for chunk in loader:
+        for chunk in chunks:
             yield from chunk.batches()
     except DataError as e:
         # a worker's error arrives with its traceback in the message; keep the one line
         raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+
+
+def batches_in_flight(dataset: ParquetBatches, num_workers: int) -> int:
+    """At most this many batches are decoded ahead of the trainer: once fewer are left in an
+    epoch, its workers have (nearly) nothing left to read, and the next epoch's can start."""
+    return max(1, num_workers) * PREFETCH_CHUNKS * dataset.chunk_batches

@@ -6,6 +6,7 @@ ranks, and on NCCL GPUs under torchrun.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import logging
@@ -30,8 +31,8 @@ from tqdm import tqdm
 
 from app import checkpoint
 from app.config import Config, save_config
-from app.data import (Batch, Columns, ParquetBatches, Position, consume, iter_batches, load_schema,
-                      span_rows)
+from app.data import (Batch, Columns, ParquetBatches, Position, batches_in_flight, consume, iter_batches,
+                      load_schema, span_rows)
 from app.metrics import EvalMetrics, RunLog, TrainMetrics
 from app.model import MultiTaskModel, MultiTaskTrain, Outputs, table_name
 from app.plan import save_plan, sharders, training_plan
@@ -229,6 +230,15 @@ def _seed_segment(cfg: Config, env: Env, step: int) -> None:
     torch.manual_seed(hash((cfg.train.seed, step, env.rank)) % 2**63)
 
 
+def _next_epoch(data: ParquetBatches, position: Position, cfg: Config, env: Env) -> tuple[Position, Iterator[Batch]]:
+    """The next epoch's batches, their reader workers started now: while this epoch's last
+    batches train, they decode its first ones (starting them at the epoch's end stalled
+    training for 0.1-2 s an epoch)."""
+    ahead = copy.copy(data)  # this epoch may still read through `data` (num_workers = 0)
+    ahead.set_position(Position(position.epoch + 1))
+    return ahead.position, iter_batches(ahead, cfg.data.num_workers, env.device.type == "cuda")
+
+
 def train(cfg: Config) -> dict:
     """Trains and evaluates `cfg`; returns the summary that rank 0 writes to summary.json.
 
@@ -275,11 +285,15 @@ def train(cfg: Config) -> dict:
     bar = tqdm(total=total, initial=step, disable=not is_main, unit="step", dynamic_ncols=True,
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
     train_time, samples, eval_result, last_log, stopped = 0.0, 0, {}, {}, False
+    read_ahead = batches_in_flight(train_data, cfg.data.num_workers)
+    upcoming: tuple[Position, Iterator[Batch]] | None = None  # the next epoch's batches, started early
     while step < total and not stopped:
         train_data.set_position(position)
         epoch_spans = position.remaining or [(0, train_data.total_rows)]
-        epoch_steps = 0
-        batches = iter_batches(train_data, cfg.data.num_workers, env.device.type == "cuda")
+        epoch_len, epoch_steps = len(train_data), 0
+        batches = upcoming[1] if upcoming and upcoming[0] == position else \
+            iter_batches(train_data, cfg.data.num_workers, env.device.type == "cuda")
+        upcoming = None
         while step < total:
             end = _next_boundary(step, total, cfg.train.eval_every, cfg.train.checkpoint_every)
             feed = Feed(batches, end - step)
@@ -290,6 +304,9 @@ def train(cfg: Config) -> dict:
                 train_metrics.update(out.losses, out.gates)  # gates: None unless train.gate_stats
                 step += 1
                 bar.update()
+                left = epoch_len - epoch_steps - (step - start_step)
+                if upcoming is None and left <= read_ahead and total - step > left:
+                    upcoming = _next_epoch(train_data, position, cfg, env)
                 if step % cfg.train.log_every == 0:
                     now = time.perf_counter()
                     rate = (step - log_step) * global_batch / (now - log_time)

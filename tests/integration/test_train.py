@@ -14,3 +14,52 @@ def test_tiny_run_learns(tiny_data, tmp_path):
     for task, metrics in summary["tasks"].items():
         assert metrics["auc"] > 0.65, (task, metrics, best[task])  # chance is 0.5, the best ~0.8
         assert metrics["auc"] <= best[task] + 0.02
+
+
+RECORD_ROWS = """
+import json, sys
+import app.train as T
+from app.config import load_config
+
+seen, started, run_pipeline, iter_batches = [], [], T.run_pipeline, T.iter_batches
+
+
+def recording(pipeline, batches):
+    for out in run_pipeline(pipeline, batches):
+        seen.append(out.row_ids.tolist())
+        yield out
+
+
+def starting(*args):
+    started.append(len(seen))  # batches trained when a reader starts
+    return iter_batches(*args)
+
+
+T.run_pipeline, T.iter_batches = recording, starting
+T.train(load_config("configs/debug.toml", sys.argv[2:]))
+json.dump({"seen": seen, "started": started}, open(sys.argv[1], "w"))
+"""
+
+
+def test_each_epoch_trains_on_its_own_rows_in_order_when_read_ahead(tiny_data, tmp_path):
+    """The next epoch's reader workers start before the current epoch ends: training still
+    sees every epoch's batches exactly as that epoch's reader alone yields them."""
+    from app.config import load_config
+    from app.data import Position, iter_batches
+    from app.train import Env, resolve_columns, split_data
+
+    args = ["--data.path", str(tiny_data), "--train.run_dir", str(tmp_path / "run"), "--train.epochs", "3",
+            "--data.num_workers", "2", "--train.eval_every", "0", "--train.tensorboard", "false"]
+    subprocess.run([sys.executable, "-c", RECORD_ROWS, str(tmp_path / "rows.json"), *args], check=True,
+                   capture_output=True)
+    cfg = load_config("configs/debug.toml", args)
+    data = split_data(cfg, Env(0, 1, 0, 1, None), resolve_columns(cfg), cfg.data.train_split, train=True)
+    want = []
+    for epoch in range(3):
+        data.set_position(Position(epoch))
+        want += [b.row_ids.tolist() for b in iter_batches(data, 0, pin_memory=False)]
+    record = json.loads((tmp_path / "rows.json").read_text())
+    assert len(want) == 3 * len(data) and record["seen"][:len(want)] == want
+    # readers of epochs 1 and 2 (and the evaluation's, last) started before their epoch did
+    started = record["started"]
+    assert len(started) == 4 and started[1] < len(data) and started[2] < 2 * len(data), started
