@@ -230,13 +230,13 @@ def _seed_segment(cfg: Config, env: Env, step: int) -> None:
     torch.manual_seed(hash((cfg.train.seed, step, env.rank)) % 2**63)
 
 
-def _next_epoch(data: ParquetBatches, position: Position, cfg: Config, env: Env) -> tuple[Position, Iterator[Batch]]:
+def _next_epoch(data: ParquetBatches, position: Position, cfg: Config, env: Env) -> Iterator[Batch]:
     """The next epoch's batches, their reader workers started now: while this epoch's last
     batches train, they decode its first ones (starting them at the epoch's end stalled
     training for 0.1-2 s an epoch)."""
     ahead = copy.copy(data)  # this epoch may still read through `data` (num_workers = 0)
     ahead.set_position(Position(position.epoch + 1))
-    return ahead.position, iter_batches(ahead, cfg.data.num_workers, env.device.type == "cuda")
+    return iter_batches(ahead, cfg.data.num_workers, env.device.type == "cuda")
 
 
 def train(cfg: Config) -> dict:
@@ -286,13 +286,14 @@ def train(cfg: Config) -> dict:
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
     train_time, samples, eval_result, last_log, stopped = 0.0, 0, {}, {}, False
     read_ahead = batches_in_flight(train_data, cfg.data.num_workers)
-    upcoming: tuple[Position, Iterator[Batch]] | None = None  # the next epoch's batches, started early
+    # the next epoch's batches, started early; made only where this epoch runs to its end, so
+    # the next pass of the loop below always starts that epoch
+    upcoming: Iterator[Batch] | None = None
     while step < total and not stopped:
         train_data.set_position(position)
         epoch_spans = position.remaining or [(0, train_data.total_rows)]
         epoch_len, epoch_steps = len(train_data), 0
-        batches = upcoming[1] if upcoming and upcoming[0] == position else \
-            iter_batches(train_data, cfg.data.num_workers, env.device.type == "cuda")
+        batches = upcoming or iter_batches(train_data, cfg.data.num_workers, env.device.type == "cuda")
         upcoming = None
         while step < total:
             end = _next_boundary(step, total, cfg.train.eval_every, cfg.train.checkpoint_every)

@@ -43,12 +43,9 @@ from app.metrics import TrainMetrics  # noqa: E402
 from app.train import build, init_distributed, resolve_columns, split_data  # noqa: E402
 
 
-def gpu_busy_seconds(trace: Path) -> float:
-    """Time the GPU ran anything, from a Chrome trace: the union of kernel, copy and memset
-    intervals (summing per-op device times counts ops and their kernels twice)."""
-    opener = gzip.open if trace.suffix == ".gz" else open
-    with opener(trace, "rt") as f:
-        events = json.load(f)["traceEvents"]
+def gpu_busy_seconds(events: list[dict]) -> float:
+    """Time the GPU ran anything, from a Chrome trace's events: the union of kernel, copy and
+    memset intervals (summing per-op device times counts ops and their kernels twice)."""
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("ph") == "X"
                    and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
     busy, end = 0.0, float("-inf")
@@ -60,16 +57,12 @@ def gpu_busy_seconds(trace: Path) -> float:
 
 # host-side ops that wait for the GPU (a sync inside the step stalls the host's run-ahead)
 WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense",
-         "ncclCommWatchdog", "record_param_comms", "c10d::allreduce_", "c10d::alltoall_base_", "nccl:all_to_all",
-         "nccl:all_reduce")
+         "record_param_comms", "c10d::allreduce_", "c10d::alltoall_base_", "nccl:all_to_all", "nccl:all_reduce")
 
 
-def host_breakdown(trace: Path, steps: int) -> list[tuple[str, float]]:
+def host_breakdown(events: list[dict], steps: int) -> list[tuple[str, float]]:
     """Host ms per step in each of the pipeline's phases (TorchRec's "## name N ##" ranges,
     numbers dropped) and in ops that wait for the GPU or a collective, from a Chrome trace."""
-    opener = gzip.open if trace.suffix == ".gz" else open
-    with opener(trace, "rt") as f:
-        events = json.load(f)["traceEvents"]
     total: dict[str, float] = {}
     for e in events:
         if e.get("ph") != "X" or e.get("cat") not in ("user_annotation", "cpu_op", "cuda_runtime"):
@@ -159,16 +152,18 @@ def main() -> None:
     raw = Path(trace).with_suffix("") if trace and env.rank == 0 else \
         Path(args.work) / f"profile_trace_rank{env.rank}.json"
     prof.export_chrome_trace(str(raw))
+    with open(raw) as f:
+        events = json.load(f)["traceEvents"]
     for r in range(env.world_size):  # each rank's host phases, in rank order
         if r == env.rank:
             print(f"rank {r} host ms/step under the profiler ({1000 * wall / steps:.2f} ms/step): " + ", ".join(
-                f"{name} {ms:.2f}" for name, ms in host_breakdown(raw, steps) if ms >= 0.02), flush=True)
+                f"{name} {ms:.2f}" for name, ms in host_breakdown(events, steps) if ms >= 0.02), flush=True)
         dist.barrier()
     if env.rank == 0:
         averages = prof.key_averages()
         if cuda:
             print(averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
-            busy = gpu_busy_seconds(raw)
+            busy = gpu_busy_seconds(events)
             print(f"GPU busy {1000 * busy / steps:.2f} ms/step (union of kernel and copy intervals) "
                   f"of {1000 * wall / steps:.2f} ms/step under the profiler")
         print(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
