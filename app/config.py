@@ -93,6 +93,7 @@ class TrainConfig:
     resume: bool = True  # continue from RUN_DIR/checkpoints/latest when there is one
     tensorboard: bool = True  # event files in RUN_DIR/tb (rank 0)
     gate_stats: bool = True  # per-task mean gate weight of each expert, and gate entropy
+    gc_every: int = 100  # steps between Python garbage collections while training; 0: Python's own
 
 
 @dataclass

@@ -145,6 +145,8 @@ class Batch(Pipelineable):
     dense: [B, D] float32; sparse_features: KJT with one key per categorical column;
     labels: [B, T] float32 in task order; weights: [B] (0 marks a row skipped as bad);
     row_ids: [B] int64, the row's index in its split (files in split order, then row order).
+    packed: uint8, set when all of the above are views of it (the reader's batches): the batch
+    then moves to the GPU as one copy, not seven.
     """
 
     dense: torch.Tensor
@@ -152,16 +154,30 @@ class Batch(Pipelineable):
     labels: torch.Tensor
     weights: torch.Tensor
     row_ids: torch.Tensor
+    packed: torch.Tensor | None = None
 
     def _map(self, fn) -> "Batch":
-        return Batch(*(fn(getattr(self, f)) for f in
-                       ("dense", "sparse_features", "labels", "weights", "row_ids")))
+        if self.packed is None:
+            return Batch(*(fn(getattr(self, f)) for f in
+                           ("dense", "sparse_features", "labels", "weights", "row_ids")))
+        moved = fn(self.packed)
+
+        def view(t: torch.Tensor) -> torch.Tensor:  # the same view of the moved buffer
+            start = t.data_ptr() - self.packed.data_ptr()
+            return _typed(moved[start:start + t.nbytes], t.dtype, t.shape)
+
+        kjt = self.sparse_features
+        return Batch(view(self.dense), KeyedJaggedTensor(keys=kjt.keys(), values=view(kjt.values()),
+                                                         lengths=view(kjt.lengths()), stride=kjt.stride(),
+                                                         length_per_key=kjt.length_per_key()),
+                     view(self.labels), view(self.weights), view(self.row_ids), moved)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
 
     def record_stream(self, stream: torch.Stream) -> None:
-        for t in (self.dense, self.sparse_features, self.labels, self.weights, self.row_ids):
+        for t in (self.dense, self.sparse_features, self.labels, self.weights, self.row_ids) \
+                if self.packed is None else (self.packed,):
             t.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
@@ -291,103 +307,120 @@ class _Slot:
 
     block: Block
     rows: Rows  # its rows of the block
-    row: int  # its first row in the chunk
+    row: int  # its first row in its batch
     n: int  # its number of rows
-    lengths: np.ndarray | None  # [keys, n]: its part of the chunk's KJT lengths; None: all ones
+    lengths: np.ndarray  # [keys, n]: its part of its batch's KJT lengths
 
     def count(self, k: int) -> int:
         """Its number of ids of key k."""
         return self.n if self.block.ids[k].offsets is None else int(self.lengths[k].sum())
 
 
+# a batch's tensors in its part of a chunk, widest first so that each starts aligned
+_PACKED = (("values", np.int64), ("row_ids", np.int64), ("dense", np.float32), ("labels", np.float32),
+           ("weights", np.float32), ("lengths", np.int32))
+
+
+Layout = dict[str, tuple[np.dtype, tuple[int, ...], int]]  # each tensor's dtype, shape and first byte
+
+
+def _parts(sizes: list[int], counts: list[list[int]], widths: tuple[int, int]) -> tuple[list[tuple[int, Layout]], int]:
+    """Where each batch's tensors go in a chunk's buffer: each batch's first byte and layout,
+    and the buffer's size."""
+    (d, t), parts, at = widths, [], 0
+    for size, per_key in zip(sizes, counts):
+        shapes = {"values": (sum(per_key),), "row_ids": (size,), "dense": (size, d), "labels": (size, t),
+                  "weights": (size,), "lengths": (size * len(per_key),)}
+        start, layout = at, {}
+        for name, dtype in _PACKED:
+            layout[name] = (np.dtype(dtype), shapes[name], at)
+            at += int(np.prod(shapes[name])) * np.dtype(dtype).itemsize
+        parts.append((start, layout))
+        at = -(-at // 8) * 8  # the next batch's int64s start aligned too
+    return parts, at
+
+
 @dataclass
 class Chunk:
-    """Consecutive batches packed into at most six tensors. A DataLoader worker sends every
-    tensor as a shared-memory segment of its own, so a chunk of eight batches costs about an
-    eighth of eight separate ones; `batches` cuts views out of them."""
+    """Consecutive batches packed into one tensor, each batch's tensors one after the other. A
+    DataLoader worker hands over every tensor as a shared-memory segment of its own, through the
+    worker's Python (milliseconds each while the worker decodes), so a chunk is one tensor; and
+    each batch goes to the GPU as one copy. `batches` cuts views out of it."""
 
     keys: list[str]
     sizes: list[int]  # rows of each batch
     counts: list[list[int]]  # ids of each batch, key by key (the KJT's length_per_key)
-    dense: torch.Tensor  # [R, D] float32, the batches' rows one after the other
-    labels: torch.Tensor  # [R, T] float32
-    weights: torch.Tensor  # [R] float32
-    row_ids: torch.Tensor  # [R] int64
-    values: torch.Tensor  # int64, each batch's KJT values (key-major) one after the other
-    lengths: torch.Tensor | None  # int32, likewise its KJT lengths; None: all ones, not shipped
+    widths: tuple[int, int]  # dense features, tasks
+    buffer: torch.Tensor  # uint8, the batches' parts (`_parts`) one after the other
 
     @classmethod
     def pack(cls, batches: list[list[Piece]], columns: Columns) -> "Chunk":
         """Gathers each batch's pieces into one chunk (an evaluation batch may have none)."""
         keys, f = list(columns.categorical), len(columns.categorical)
         sizes = [sum(hi - lo for _, lo, hi in pieces) for pieces in batches]
-        rows = sum(sizes)
-        dense = np.empty((rows, len(columns.dense)), np.float32)
-        labels = np.empty((rows, len(columns.labels)), np.float32)
-        weights, row_ids = np.empty(rows, np.float32), np.empty(rows, np.int64)
         blocks = [block for pieces in batches for block, _, _ in pieces]
         multi = [k for k, ids in enumerate(blocks[0].ids) if ids.offsets is not None] if blocks else []
-        lengths = np.ones(rows * f, np.int32) if multi else None  # single-hot columns keep the ones
+        # each piece's rows, and (multi-hot) ids a row of each key: the counts come from them
         slots: list[list[_Slot]] = []  # per batch
-        row = 0
-        for pieces, size in zip(batches, sizes):
-            kjt = None if lengths is None else lengths[row * f:(row + size) * f].reshape(f, size)
+        lengths = [np.ones((f, size), np.int32) for size in sizes]
+        for pieces, kjt in zip(batches, lengths):
             at, batch = 0, []
             for block, lo, hi in pieces:
-                batch.append(_Slot(block, block.rows(lo, hi), row + at, hi - lo,
-                                   None if kjt is None else kjt[:, at:at + hi - lo]))
+                slot = _Slot(block, block.rows(lo, hi), at, hi - lo, kjt[:, at:at + hi - lo])
+                for k in multi:
+                    _gather(block.ids[k].lengths, slot.rows, slot.lengths[k])
+                batch.append(slot)
                 at += hi - lo
             slots.append(batch)
-            row += size
-        for slot in (s for batch in slots for s in batch):
-            for out, src in ((dense, slot.block.dense), (labels, slot.block.labels),
-                             (weights, slot.block.weights), (row_ids, slot.block.row_ids)):
-                _gather(src, slot.rows, out[slot.row:slot.row + slot.n])
-            for k in multi:
-                _gather(slot.block.ids[k].lengths, slot.rows, slot.lengths[k])
-        # where each piece's ids of each key go: batch after batch, key after key (KJT values
-        # are key-major), piece after piece
-        places, counts, end = [], [], 0
-        for batch in slots:
-            counts.append([])
+        counts = [[sum(slot.count(k) for slot in batch) for k in range(f)] for batch in slots]
+        widths = (len(columns.dense), len(columns.labels))
+        parts, size = _parts(sizes, counts, widths)
+        buffer = np.empty(size, np.uint8)
+        places = []  # (key, slot, ids out): each piece's ids of each key, key-major within a batch (KJT order)
+        for batch, kjt, (_, layout) in zip(slots, lengths, parts):
+            out = {name: _view(buffer, *layout[name]) for name in layout}
+            out["lengths"][:] = kjt.reshape(-1)
+            for slot in batch:
+                for name, src in (("dense", slot.block.dense), ("labels", slot.block.labels),
+                                  ("weights", slot.block.weights), ("row_ids", slot.block.row_ids)):
+                    _gather(src, slot.rows, out[name][slot.row:slot.row + slot.n])
+            at = 0
             for k in range(f):
-                start = end
                 for slot in batch:
                     n = slot.count(k)
-                    places.append((k, slot, end, end + n))
-                    end += n
-                counts[-1].append(end - start)
-        values = np.empty(end, np.int64)
+                    places.append((k, slot, out["values"][at:at + n]))
+                    at += n
         # key by key: a column stays in the CPU cache through all the batches
-        for k, slot, a, b in sorted(places, key=lambda p: p[0]):
-            ids_lengths = None if slot.lengths is None else slot.lengths[k]
-            slot.block.ids[k].gather(slot.rows, ids_lengths, values[a:b])
-        return cls(keys, sizes, counts, *(None if arr is None else torch.from_numpy(arr)
-                                          for arr in (dense, labels, weights, row_ids, values, lengths)))
-
-    def kjt_lengths(self) -> torch.Tensor:
-        """The KJT lengths of all its batches (made here when they are all ones)."""
-        if self.lengths is None:
-            return torch.from_numpy(np.ones(sum(self.sizes) * len(self.keys), np.int32))
-        return self.lengths
+        for k, slot, out in sorted(places, key=lambda p: p[0]):
+            slot.block.ids[k].gather(slot.rows, slot.lengths[k], out)
+        return cls(keys, sizes, counts, widths, torch.from_numpy(buffer))
 
     def batches(self) -> Iterator[Batch]:
-        """Its batches, as views of its tensors. Each KJT carries its ids per key, which
+        """Its batches, as views of its buffer. Each KJT carries its ids per key, which
         TorchRec's input distribution would otherwise sum on the GPU and wait for."""
-        r = v = 0
-        f, lengths = len(self.keys), self.kjt_lengths()
-        for size, per_key in zip(self.sizes, self.counts):
-            count = sum(per_key)
-            kjt = KeyedJaggedTensor(keys=self.keys, values=self.values[v:v + count],
-                                    lengths=lengths[r * f:(r + size) * f], stride=size,
+        parts, total = _parts(self.sizes, self.counts, self.widths)
+        ends = [start for start, _ in parts[1:]] + [total]
+        for (start, layout), end, size, per_key in zip(parts, ends, self.sizes, self.counts):
+            t = {name: _view(self.buffer, *layout[name]) for name in layout}
+            kjt = KeyedJaggedTensor(keys=self.keys, values=t["values"], lengths=t["lengths"], stride=size,
                                     length_per_key=per_key)
-            yield Batch(self.dense[r:r + size], kjt, self.labels[r:r + size], self.weights[r:r + size],
-                        self.row_ids[r:r + size])
-            r, v = r + size, v + count
+            yield Batch(t["dense"], kjt, t["labels"], t["weights"], t["row_ids"], self.buffer[start:end])
 
     def pin_memory(self) -> "Chunk":
-        return Chunk(self.keys, self.sizes, self.counts, *(t.pin_memory() for t in (
-            self.dense, self.labels, self.weights, self.row_ids, self.values, self.kjt_lengths())))
+        return Chunk(self.keys, self.sizes, self.counts, self.widths, self.buffer.pin_memory())
+
+
+def _view(buffer: np.ndarray | torch.Tensor, dtype: np.dtype, shape: tuple[int, ...], start: int):
+    """A dtype view of bytes of `buffer` (numpy, or a torch tensor sharing its memory)."""
+    part = buffer[start:start + int(np.prod(shape)) * dtype.itemsize]
+    if isinstance(part, np.ndarray):
+        return part.view(dtype).reshape(shape)
+    return _typed(part, torch.from_numpy(np.empty(0, dtype)).dtype, shape)
+
+
+def _typed(part: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Bytes as a `dtype` tensor of `shape`, sharing their memory (no bytes: a new empty one)."""
+    return part.view(dtype).view(shape) if part.numel() else torch.empty(shape, dtype=dtype, device=part.device)
 
 
 def arrow_to_batch(table: pa.Table, columns: Columns, row_ids: np.ndarray,

@@ -11,17 +11,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from app import checkpoint
 from app.config import Config, load_config
 from app.data import iter_batches
+from app.pipeline import TrainPipeline
 from app.train import (Env, build, evaluate, init_distributed, resolve_columns, run_pipeline, scoring,
                        split_data)
 
 
 def restore(path: str | Path, overrides: list[str]) -> tuple[Config, Env, torch.nn.Module,
-                                                              TrainPipelineSparseDist]:
+                                                              TrainPipeline]:
     """A checkpoint folder, or a run folder (its latest checkpoint), ready to score."""
     path = Path(path)
     if not (path / checkpoint.STATE).exists():
@@ -34,7 +34,7 @@ def restore(path: str | Path, overrides: list[str]) -> tuple[Config, Env, torch.
     env = init_distributed(cfg.train.device)
     dmp, optimizer, _ = build(cfg, env, resolve_columns(cfg))
     checkpoint.load(path, dmp)
-    return cfg, env, dmp, TrainPipelineSparseDist(dmp, optimizer, env.device)
+    return cfg, env, dmp, TrainPipeline(dmp, optimizer, env.device)
 
 
 def evaluate_checkpoint(path: str | Path, split: str, overrides: list[str]) -> dict[str, float]:

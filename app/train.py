@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import itertools
 import json
 import logging
@@ -16,13 +17,12 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -35,6 +35,7 @@ from app.data import (Batch, Columns, ParquetBatches, Position, batches_in_fligh
                       load_schema, span_rows)
 from app.metrics import EvalMetrics, RunLog, TrainMetrics
 from app.model import MultiTaskModel, MultiTaskTrain, Outputs, table_name
+from app.pipeline import TrainPipeline
 from app.plan import save_plan, sharders, training_plan
 
 log = logging.getLogger("app")
@@ -147,7 +148,26 @@ def _datasets(cfg: Config, env: Env, columns: Columns) -> tuple[ParquetBatches, 
             split_data(cfg, env, columns, cfg.data.eval_split, train=False))
 
 
-def run_pipeline(pipeline: TrainPipelineSparseDist, batches: Iterator[Batch]) -> Iterator[Outputs]:
+@contextlib.contextmanager
+def collecting_every(steps: int) -> Iterator[Callable[[int], None]]:
+    """Python's collector runs when allocations pile up, which TorchRec's per-batch objects
+    make it do several times a step, and now and then a full pass over every object the model
+    and the compiler hold stalls a step. Instead: what exists now is left out of collections,
+    and the caller collects young objects every `steps` steps (all of them every tenth time)."""
+    if not steps:
+        yield lambda step: None
+        return
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield lambda step: None if step % steps else gc.collect(1 if step % (10 * steps) else 2)
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def run_pipeline(pipeline: TrainPipeline, batches: Iterator[Batch]) -> Iterator[Outputs]:
     """Outputs of `pipeline.progress` until `batches` is exhausted (the pipeline drains)."""
     while True:
         try:
@@ -181,7 +201,7 @@ class Feed:
         self.stopped = True
 
 
-def evaluate(pipeline: TrainPipelineSparseDist, dmp: torch.nn.Module, data: ParquetBatches,
+def evaluate(pipeline: TrainPipeline, dmp: torch.nn.Module, data: ParquetBatches,
              cfg: Config, env: Env, split: str = "eval") -> dict[str, float]:
     """Scores a whole split through the pipeline (see `scoring`)."""
     metrics = EvalMetrics(cfg.tasks).to(env.device)
@@ -195,11 +215,18 @@ def evaluate(pipeline: TrainPipelineSparseDist, dmp: torch.nn.Module, data: Parq
 def scoring(dmp: torch.nn.Module) -> Iterator[None]:
     """Eval mode (the pipeline then skips backward), no gradients, and the compiled parts
     (`model.compile`) run eagerly: each scoring batch size would compile again, for a pass
-    made once per evaluation. Back to training mode after."""
+    made once per evaluation. Python's collector runs as usual (training may have stopped
+    it: see `collecting_every`). Back to training mode after."""
     dmp.eval()
-    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-        yield
-    dmp.train()
+    collector_was_on = gc.isenabled()
+    gc.enable()
+    try:
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            yield
+    finally:
+        if not collector_was_on:
+            gc.disable()
+        dmp.train()
 
 
 class StopSignal:
@@ -266,7 +293,7 @@ def train(cfg: Config) -> dict:
         save_config(cfg, run_dir / "config.json")
         (run_dir / "plan.txt").write_text(str(plan) + "\n")
         save_plan(plan, run_dir / "plan.json")  # reusable: --plan.file RUN_DIR/plan.json
-    pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
+    pipeline = TrainPipeline(dmp, optimizer, env.device, execute_all_batches=True)
     log = RunLog(run_dir, is_main, cfg.train.tensorboard)
     tasks = list(cfg.tasks)
     train_metrics = TrainMetrics(tasks, env.device)
@@ -289,59 +316,61 @@ def train(cfg: Config) -> dict:
     # the next epoch's batches, started early; made only where this epoch runs to its end, so
     # the next pass of the loop below always starts that epoch
     upcoming: Iterator[Batch] | None = None
-    while step < total and not stopped:
-        train_data.set_position(position)
-        epoch_spans = position.remaining or [(0, train_data.total_rows)]
-        epoch_len, epoch_steps = len(train_data), 0
-        batches = upcoming or iter_batches(train_data, cfg.data.num_workers, env.device.type == "cuda")
-        upcoming = None
-        while step < total:
-            end = _next_boundary(step, total, cfg.train.eval_every, cfg.train.checkpoint_every)
-            feed = Feed(batches, end - step)
-            _seed_segment(cfg, env, step)
-            start_time = log_time = time.perf_counter()
-            start_step = log_step = step
-            for out in run_pipeline(pipeline, feed):
-                train_metrics.update(out.losses, out.gates)  # gates: None unless train.gate_stats
-                step += 1
-                bar.update()
-                left = epoch_len - epoch_steps - (step - start_step)
-                if upcoming is None and left <= read_ahead and total - step > left:
-                    upcoming = _next_epoch(train_data, position, cfg, env)
-                if step % cfg.train.log_every == 0:
-                    now = time.perf_counter()
-                    rate = (step - log_step) * global_batch / (now - log_time)
-                    record = {"epoch": position.epoch, "samples_per_sec": rate,
-                              "step_time_ms": 1000 * (now - log_time) / (step - log_step),
-                              **train_metrics.read(group_mean)}
-                    if env.device.type == "cuda":
-                        record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
-                    log.write(step, record)
-                    last_log, log_time, log_step = record, now, step
-                    bar.set_postfix(loss=f"{sum(record[f'train/{t}/loss'] for t in tasks):.4f}",
-                                    samples_s=f"{rate:,.0f}")
-                    if stop.agreed(env):
-                        feed.stop()  # the pipeline finishes the batches it holds, then drains
-            epoch_steps += step - start_step
-            train_time += time.perf_counter() - start_time
-            samples += (step - start_step) * global_batch
-            remaining = consume(epoch_spans, env.world_size, epoch_steps * cfg.data.batch_size)
-            position = Position(position.epoch + 1) if feed.exhausted or span_rows(remaining) < env.world_size \
-                else Position(position.epoch, remaining)
-            stopped = feed.stopped
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not stopped or step == total:
-                eval_result = evaluate(pipeline, dmp, eval_data, cfg, env)
-                log.write(step, {"epoch": position.epoch, **eval_result})
-                if is_main:
-                    bar.write(f"step {step}: " + " ".join(
-                        f"{k}={v:.4f}" for k, v in eval_result.items() if k.endswith(("auc", "logloss", "rmse"))))
-            if stopped or step == total or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
-                checkpoint.save(run_dir, step, dmp, optimizer,
-                                {"step": step, "position": position.state_dict(), "world_size": env.world_size},
-                                {"config.json": json.dumps(cfg.to_dict(), indent=2), "plan.txt": str(plan)},
-                                cfg.train.keep_checkpoints)
-            if stopped or position.remaining is None:
-                break  # a new epoch (or the stop): new batches
+    with collecting_every(cfg.train.gc_every) as collect:
+        while step < total and not stopped:
+            train_data.set_position(position)
+            epoch_spans = position.remaining or [(0, train_data.total_rows)]
+            epoch_len, epoch_steps = len(train_data), 0
+            batches = upcoming or iter_batches(train_data, cfg.data.num_workers, env.device.type == "cuda")
+            upcoming = None
+            while step < total:
+                end = _next_boundary(step, total, cfg.train.eval_every, cfg.train.checkpoint_every)
+                feed = Feed(batches, end - step)
+                _seed_segment(cfg, env, step)
+                start_time = log_time = time.perf_counter()
+                start_step = log_step = step
+                for out in run_pipeline(pipeline, feed):
+                    train_metrics.update(out.losses, out.gates)  # gates: None unless train.gate_stats
+                    step += 1
+                    collect(step)
+                    bar.update()
+                    left = epoch_len - epoch_steps - (step - start_step)
+                    if upcoming is None and left <= read_ahead and total - step > left:
+                        upcoming = _next_epoch(train_data, position, cfg, env)
+                    if step % cfg.train.log_every == 0:
+                        now = time.perf_counter()
+                        rate = (step - log_step) * global_batch / (now - log_time)
+                        record = {"epoch": position.epoch, "samples_per_sec": rate,
+                                  "step_time_ms": 1000 * (now - log_time) / (step - log_step),
+                                  **train_metrics.read(group_mean)}
+                        if env.device.type == "cuda":
+                            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+                        log.write(step, record)
+                        last_log, log_time, log_step = record, now, step
+                        bar.set_postfix(loss=f"{sum(record[f'train/{t}/loss'] for t in tasks):.4f}",
+                                        samples_s=f"{rate:,.0f}")
+                        if stop.agreed(env):
+                            feed.stop()  # the pipeline finishes the batches it holds, then drains
+                epoch_steps += step - start_step
+                train_time += time.perf_counter() - start_time
+                samples += (step - start_step) * global_batch
+                remaining = consume(epoch_spans, env.world_size, epoch_steps * cfg.data.batch_size)
+                position = Position(position.epoch + 1) if feed.exhausted or span_rows(remaining) < env.world_size \
+                    else Position(position.epoch, remaining)
+                stopped = feed.stopped
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not stopped or step == total:
+                    eval_result = evaluate(pipeline, dmp, eval_data, cfg, env)
+                    log.write(step, {"epoch": position.epoch, **eval_result})
+                    if is_main:
+                        bar.write(f"step {step}: " + " ".join(
+                            f"{k}={v:.4f}" for k, v in eval_result.items() if k.endswith(("auc", "logloss", "rmse"))))
+                if stopped or step == total or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+                    checkpoint.save(run_dir, step, dmp, optimizer,
+                                    {"step": step, "position": position.state_dict(), "world_size": env.world_size},
+                                    {"config.json": json.dumps(cfg.to_dict(), indent=2), "plan.txt": str(plan)},
+                                    cfg.train.keep_checkpoints)
+                if stopped or position.remaining is None:
+                    break  # a new epoch (or the stop): new batches
     bar.close()
     log.close()
     summary = {

@@ -1,6 +1,6 @@
 """Where the trainer's step time goes, for the Criteo-shape model of `bench/train.py`.
 
-Builds the model, optimizers and `TrainPipelineSparseDist` exactly as `app.train` does, then
+Builds the model, optimizers and `TrainPipeline` exactly as `app.train` does, then
 times steady-state steps under several feeds and profiles a few steps with torch.profiler:
 
   parquet   the real reader (`ParquetBatches` + `iter_batches`, pinned, N workers)
@@ -38,9 +38,11 @@ _spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "
 bench = sys.modules["bench_train"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
+from app.config import TrainConfig  # noqa: E402
 from app.data import iter_batches  # noqa: E402
 from app.metrics import TrainMetrics  # noqa: E402
-from app.train import build, init_distributed, resolve_columns, split_data  # noqa: E402
+from app.pipeline import TrainPipeline  # noqa: E402
+from app.train import build, collecting_every, init_distributed, resolve_columns, split_data  # noqa: E402
 
 
 def gpu_busy_seconds(events: list[dict]) -> float:
@@ -76,6 +78,27 @@ def host_breakdown(events: list[dict], steps: int) -> list[tuple[str, float]]:
     return sorted(total.items(), key=lambda kv: -kv[1])
 
 
+def python_profile(step, steps: int, env, say) -> None:
+    """The host's Python by function over `steps` steps (rank 0): where TorchRec's pipeline,
+    the sharded lookup and autograd spend the host time that bounds a step."""
+    import cProfile
+    import io
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    bench.sync(env.device)
+    wall = time.perf_counter() - start
+    prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    for key in ("tottime", "cumulative"):
+        stats.sort_stats(key).print_stats(40)
+    say(f"cProfile over {steps} steps: {1000 * wall / steps:.2f} ms/step under it\n{out.getvalue()}")
+
+
 def main() -> None:
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -86,6 +109,12 @@ def main() -> None:
     # let DDP's buckets split the compiled step into graphs (the trainer does not)
     p.add_argument("--ddp-split", action="store_true")
     p.add_argument("--steps", type=int, default=150, help="timed steps per feed")
+    p.add_argument("--torchrec-pipeline", action="store_true",
+                   help="TorchRec's TrainPipelineSparseDist (splits exchanged through the GPU), for comparison")
+    p.add_argument("--gc-every", type=int, default=TrainConfig.gc_every, help="as train.gc_every")
+    p.add_argument("--python", type=int, default=0, metavar="N",
+                   help="also profile N steps with cProfile (the host's Python, by function)")
+    p.add_argument("--python-feed", choices=("memory", "parquet"), default="memory", help="the feed --python profiles")
     own, rest = p.parse_known_args(argv[:cut])
     trace = own.trace
     args = bench.parse_args(rest + argv[cut:])  # options after "--" go to the trainer's config
@@ -107,17 +136,21 @@ def main() -> None:
     say(f"{env.world_size} rank(s), {precision}, batch {args.batch_size}, {args.num_workers} workers; plan:")
     say("\n".join(sorted({f"  {p.sharding_type}/{p.compute_kernel}" for m in plan.plan.values()
                           for p in m.values()})))
-    pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
+    pipeline = (TrainPipelineSparseDist if own.torchrec_pipeline else TrainPipeline)(
+        dmp, optimizer, env.device, execute_all_batches=True)
     metrics = TrainMetrics(list(cfg.tasks), env.device)
     data = split_data(cfg, env, columns, cfg.data.train_split, train=True)
     parquet = (b for _ in itertools.count() for b in iter_batches(data, args.num_workers, cuda))
     held = [next(parquet).pin_memory() if cuda else next(parquet) for _ in range(16)]
     memory = itertools.cycle(held)
 
+    steps_run = itertools.count(1)
+
     def step(batches, update: bool) -> None:
         out = pipeline.progress(batches)
         if update:
             metrics.update(out.losses, None)
+        collect(next(steps_run))
 
     def timed(batches, update: bool, steps: int) -> float:
         start = time.perf_counter()
@@ -133,11 +166,15 @@ def main() -> None:
         return 1000 * (time.perf_counter() - start) / steps
 
     rows = []
+    collector = collecting_every(own.gc_every)
+    collect = collector.__enter__()  # as the trainer's loop does, for the whole run
     for name, batches, update in (("parquet", parquet, True), ("memory", memory, True), ("bare", memory, False)):
         ms = timed(batches, update, own.steps)
         rows.append((name, ms, args.batch_size / ms * 1000))
         say(f"{name}: {ms:.2f} ms/step, {rows[-1][2]:,.0f} samples/s per rank", flush=True)
 
+    if own.python:
+        python_profile(lambda: step(parquet if own.python_feed == "parquet" else memory, True), own.python, env, say)
     for _ in range(10):
         step(memory, True)
     bench.sync(env.device)
@@ -174,6 +211,7 @@ def main() -> None:
         for name, ms, rate in rows:
             print(f"| {name} | {ms:.2f} | {rate:,.0f} |")
     raw.unlink()
+    collector.__exit__(None, None, None)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -29,7 +29,8 @@
 #
 # NCCL (GPU runs; these are read by NCCL itself, set them in the environment to change them):
 #   NCCL_SOCKET_IFNAME  interface(s) for bootstrap and socket traffic, e.g. ib0 or ^lo,docker
-#                       (GLOO_SOCKET_IFNAME is the same for CPU runs)
+#                       (GLOO_SOCKET_IFNAME is the same for gloo: CPU runs, and the
+#                       per-batch input counts the trainer exchanges between hosts)
 #   NCCL_IB_DISABLE     1: no InfiniBand/RoCE, use TCP sockets (clusters without working IB)
 #   NCCL_IB_HCA         which IB adapters to use, e.g. mlx5_0,mlx5_1
 #   NCCL_DEBUG          WARN (the default here), INFO to see the rings, transports and interfaces

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 
 def test_tiny_run_learns(tiny_data, tmp_path):
     run = tmp_path / "run"
@@ -63,3 +65,32 @@ def test_each_epoch_trains_on_its_own_rows_in_order_when_read_ahead(tiny_data, t
     # readers of epochs 1 and 2 (and the evaluation's, last) started before their epoch did
     started = record["started"]
     assert len(started) == 4 and started[1] < len(data) and started[2] < 2 * len(data), started
+
+
+def test_training_collects_garbage_every_n_steps_and_scoring_as_usual():
+    import gc
+
+    from app.train import collecting_every, scoring
+
+    collections = []
+
+    def seen(phase, info):
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(seen)
+    try:
+        with collecting_every(5) as collect:
+            assert not gc.isenabled()
+            with scoring(torch.nn.Linear(1, 1)):
+                assert gc.isenabled()
+            assert not gc.isenabled()
+            start = len(collections)
+            for step in range(1, 51):
+                collect(step)
+            assert collections[start:] == [1] * 9 + [2]  # steps 5, 10, ..., 45, then all at 50
+        assert gc.isenabled()
+        with collecting_every(0) as collect:
+            assert gc.isenabled()
+    finally:
+        gc.callbacks.remove(seen)

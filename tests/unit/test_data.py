@@ -119,6 +119,32 @@ def test_arrow_to_batch_multi_hot_and_strings():
     assert again == city  # string hashing is stable
 
 
+def test_a_reader_batch_moves_as_one_buffer():
+    """Its tensors are views of one buffer: moved (here: copied) as one, each is the same view
+    of the new buffer, with the same values."""
+    table = pa.table({
+        "y": pa.array([1.0, 0.0, 1.0], pa.float32()),
+        "z": pa.array([0.0, 0.0, 1.0], pa.float32()),
+        "d": pa.array([0.5, 1.5, -2.0], pa.float32()),
+        "e": pa.array([1.0, 2.0, 3.0], pa.float32()),
+        "tags": pa.array([[1, 2], [], [3, 4, 5]], pa.list_(pa.int64())),
+        "c": pa.array([7, 8, 9], pa.int64()),
+    })
+    schema = Schema(labels=["y", "z"], dense=["d", "e"], categorical={"tags": 10, "c": 10}, multi_hot=["tags"])
+    batch = arrow_to_batch(table, Columns.resolve(schema, ["y", "z"], [], [], "test"), np.arange(3) + 40)
+    moved = batch._map(torch.clone)
+    assert moved.packed.data_ptr() != batch.packed.data_ptr()
+    start, end = moved.packed.data_ptr(), moved.packed.data_ptr() + moved.packed.nbytes
+    for old, new in [(getattr(batch, f), getattr(moved, f)) for f in ("dense", "labels", "weights", "row_ids")] + [
+            (batch.sparse_features.values(), moved.sparse_features.values()),
+            (batch.sparse_features.lengths(), moved.sparse_features.lengths())]:
+        assert new.dtype == old.dtype and torch.equal(new, old)
+        assert start <= new.data_ptr() and new.data_ptr() + new.nbytes <= end
+    assert moved.row_ids.tolist() == [40, 41, 42] and moved.labels.tolist() == [[1, 0], [0, 0], [1, 1]]
+    assert moved.sparse_features.values().tolist() == [1, 2, 3, 4, 5, 7, 8, 9]
+    assert moved.sparse_features.length_per_key() == [5, 3] and moved.sparse_features.stride() == 3
+
+
 # ---------------------------------------------------------------------------------------
 # The reader against a reference built straight from pyarrow
 
