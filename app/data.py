@@ -319,6 +319,7 @@ class _Slot:
 # a batch's tensors in its part of a chunk, widest first so that each starts aligned
 _PACKED = (("values", np.int64), ("row_ids", np.int64), ("dense", np.float32), ("labels", np.float32),
            ("weights", np.float32), ("lengths", np.int32))
+_TORCH_DTYPES = {np.dtype(d): torch.from_numpy(np.empty(0, d)).dtype for _, d in _PACKED}
 
 
 Layout = dict[str, tuple[np.dtype, tuple[int, ...], int]]  # each tensor's dtype, shape and first byte
@@ -415,7 +416,7 @@ def _view(buffer: np.ndarray | torch.Tensor, dtype: np.dtype, shape: tuple[int, 
     part = buffer[start:start + int(np.prod(shape)) * dtype.itemsize]
     if isinstance(part, np.ndarray):
         return part.view(dtype).reshape(shape)
-    return _typed(part, torch.from_numpy(np.empty(0, dtype)).dtype, shape)
+    return _typed(part, _TORCH_DTYPES[dtype], shape)
 
 
 def _typed(part: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

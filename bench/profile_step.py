@@ -19,6 +19,7 @@ writes a Chrome trace to --trace. Takes the options of `bench/train.py`:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import importlib.util
 import itertools
@@ -166,8 +167,8 @@ def main() -> None:
         return 1000 * (time.perf_counter() - start) / steps
 
     rows = []
-    collector = collecting_every(own.gc_every)
-    collect = collector.__enter__()  # as the trainer's loop does, for the whole run
+    collector = contextlib.ExitStack()
+    collect = collector.enter_context(collecting_every(own.gc_every))  # as the trainer's loop does
     for name, batches, update in (("parquet", parquet, True), ("memory", memory, True), ("bare", memory, False)):
         ms = timed(batches, update, own.steps)
         rows.append((name, ms, args.batch_size / ms * 1000))
@@ -211,7 +212,7 @@ def main() -> None:
         for name, ms, rate in rows:
             print(f"| {name} | {ms:.2f} | {rate:,.0f} |")
     raw.unlink()
-    collector.__exit__(None, None, None)
+    collector.close()
     dist.barrier()
     dist.destroy_process_group()
 
