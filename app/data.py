@@ -10,15 +10,19 @@ size continues exactly where the run stopped.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
+import mmap
+import os
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -147,6 +151,8 @@ class Batch(Pipelineable):
     row_ids: [B] int64, the row's index in its split (files in split order, then row order).
     packed: uint8, set when all of the above are views of it (the reader's batches): the batch
     then moves to the GPU as one copy, not seven.
+    copies: where a copy of `packed` to the GPU leaves a CUDA event, when the reader waits for
+    them before reusing its memory (`ChunkSlots`).
     """
 
     dense: torch.Tensor
@@ -155,12 +161,16 @@ class Batch(Pipelineable):
     weights: torch.Tensor
     row_ids: torch.Tensor
     packed: torch.Tensor | None = None
+    copies: list[torch.cuda.Event] | None = None
 
     def _map(self, fn) -> "Batch":
         if self.packed is None:
             return Batch(*(fn(getattr(self, f)) for f in
                            ("dense", "sparse_features", "labels", "weights", "row_ids")))
         moved = fn(self.packed)
+        if self.copies is not None and moved.is_cuda:
+            self.copies.append(torch.cuda.Event())
+            self.copies[-1].record()  # on the stream that copied
 
         def view(t: torch.Tensor) -> torch.Tensor:  # the same view of the moved buffer
             start = t.data_ptr() - self.packed.data_ptr()
@@ -182,6 +192,11 @@ class Batch(Pipelineable):
 
     def pin_memory(self) -> "Batch":
         return self._map(lambda t: t.pin_memory())
+
+    def pinned_copy(self) -> "Batch":
+        """A page-locked copy of its own: the reader's batches (`iter_batches`) are views of
+        buffers it reuses, and pinning an already pinned tensor returns the tensor itself."""
+        return self._map(lambda t: t.clone().pin_memory())
 
     def __len__(self) -> int:
         return self.dense.shape[0]
@@ -335,7 +350,7 @@ def _parts(sizes: list[int], counts: list[list[int]], widths: tuple[int, int]) -
         start, layout = at, {}
         for name, dtype in _PACKED:
             layout[name] = (np.dtype(dtype), shapes[name], at)
-            at += int(np.prod(shapes[name])) * np.dtype(dtype).itemsize
+            at += math.prod(shapes[name]) * np.dtype(dtype).itemsize
         parts.append((start, layout))
         at = -(-at // 8) * 8  # the next batch's int64s start aligned too
     return parts, at
@@ -345,18 +360,26 @@ def _parts(sizes: list[int], counts: list[list[int]], widths: tuple[int, int]) -
 class Chunk:
     """Consecutive batches packed into one tensor, each batch's tensors one after the other. A
     DataLoader worker hands over every tensor as a shared-memory segment of its own, through the
-    worker's Python (milliseconds each while the worker decodes), so a chunk is one tensor; and
-    each batch goes to the GPU as one copy. `batches` cuts views out of it."""
+    worker's Python (milliseconds each while the worker decodes), so a chunk is one tensor (or
+    packed into a `ChunkSlots` slot, none); and each batch goes to the GPU as one copy.
+    `batches` cuts views out of it."""
 
     keys: list[str]
     sizes: list[int]  # rows of each batch
     counts: list[list[int]]  # ids of each batch, key by key (the KJT's length_per_key)
     widths: tuple[int, int]  # dense features, tasks
-    buffer: torch.Tensor  # uint8, the batches' parts (`_parts`) one after the other
+    buffer: torch.Tensor | None  # uint8, the batches' parts (`_parts`) one after the other
+    slot: int | None = None  # the `ChunkSlots` slot holding the buffer, which then stays behind
+
+    def __getstate__(self) -> dict:
+        # a chunk in a slot crosses to the trainer as its numbers only
+        return {**vars(self), "buffer": None} if self.slot is not None else vars(self)
 
     @classmethod
-    def pack(cls, batches: list[list[Piece]], columns: Columns) -> "Chunk":
-        """Gathers each batch's pieces into one chunk (an evaluation batch may have none)."""
+    def pack(cls, batches: list[list[Piece]], columns: Columns,
+             place: Callable[[int], tuple[int | None, np.ndarray]] | None = None) -> "Chunk":
+        """Gathers each batch's pieces into one chunk (an evaluation batch may have none).
+        `place(size)` gives the bytes to pack into, and their slot (None: not in a slot)."""
         keys, f = list(columns.categorical), len(columns.categorical)
         sizes = [sum(hi - lo for _, lo, hi in pieces) for pieces in batches]
         blocks = [block for pieces in batches for block, _, _ in pieces]
@@ -376,7 +399,7 @@ class Chunk:
         counts = [[sum(slot.count(k) for slot in batch) for k in range(f)] for batch in slots]
         widths = (len(columns.dense), len(columns.labels))
         parts, size = _parts(sizes, counts, widths)
-        buffer = np.empty(size, np.uint8)
+        in_slot, buffer = place(size) if place else (None, np.empty(size, np.uint8))
         places = []  # (key, slot, ids out): each piece's ids of each key, key-major within a batch (KJT order)
         for batch, kjt, (_, layout) in zip(slots, lengths, parts):
             out = {name: _view(buffer, *layout[name]) for name in layout}
@@ -394,26 +417,26 @@ class Chunk:
         # key by key: a column stays in the CPU cache through all the batches
         for k, slot, out in sorted(places, key=lambda p: p[0]):
             slot.block.ids[k].gather(slot.rows, slot.lengths[k], out)
-        return cls(keys, sizes, counts, widths, torch.from_numpy(buffer))
+        return cls(keys, sizes, counts, widths, torch.from_numpy(buffer), in_slot)
 
-    def batches(self) -> Iterator[Batch]:
-        """Its batches, as views of its buffer. Each KJT carries its ids per key, which
-        TorchRec's input distribution would otherwise sum on the GPU and wait for."""
+    def batches(self, copies: list[torch.cuda.Event] | None = None) -> Iterator[Batch]:
+        """Its batches, as views of its buffer (`copies`: see `Batch`). Each KJT carries its ids
+        per key, which TorchRec's input distribution would otherwise sum on the GPU and wait for."""
         parts, total = _parts(self.sizes, self.counts, self.widths)
         ends = [start for start, _ in parts[1:]] + [total]
         for (start, layout), end, size, per_key in zip(parts, ends, self.sizes, self.counts):
             t = {name: _view(self.buffer, *layout[name]) for name in layout}
             kjt = KeyedJaggedTensor(keys=self.keys, values=t["values"], lengths=t["lengths"], stride=size,
                                     length_per_key=per_key)
-            yield Batch(t["dense"], kjt, t["labels"], t["weights"], t["row_ids"], self.buffer[start:end])
+            yield Batch(t["dense"], kjt, t["labels"], t["weights"], t["row_ids"], self.buffer[start:end], copies)
 
     def pin_memory(self) -> "Chunk":
-        return Chunk(self.keys, self.sizes, self.counts, self.widths, self.buffer.pin_memory())
+        return Chunk(self.keys, self.sizes, self.counts, self.widths, self.buffer.pin_memory(), self.slot)
 
 
 def _view(buffer: np.ndarray | torch.Tensor, dtype: np.dtype, shape: tuple[int, ...], start: int):
     """A dtype view of bytes of `buffer` (numpy, or a torch tensor sharing its memory)."""
-    part = buffer[start:start + int(np.prod(shape)) * dtype.itemsize]
+    part = buffer[start:start + math.prod(shape) * dtype.itemsize]
     if isinstance(part, np.ndarray):
         return part.view(dtype).reshape(shape)
     return _typed(part, _TORCH_DTYPES[dtype], shape)
@@ -587,6 +610,7 @@ class ParquetBatches(IterableDataset):
         self.train, self.seed, self.shuffle = train, seed, shuffle and train
         self.on_bad_rows, self.chunk_batches = on_bad_rows, chunk_batches
         self.position = Position()
+        self.slots: ChunkSlots | None = None  # where workers pack chunks (`iter_batches` sets it)
         self._footers: dict[str, pq.FileMetaData] = {}
         if self.total_rows < world_size:
             raise DataError(f"{Path(dataset) / split}: {self.total_rows} rows cannot give each of "
@@ -649,6 +673,13 @@ class ParquetBatches(IterableDataset):
         finally:
             pool.shutdown(cancel_futures=True)
 
+    def chunk_bytes(self) -> int:
+        """The bytes of a chunk of full batches, at one id a row per single-hot column and two
+        per multi-hot one (a chunk that needs more is packed outside the slots)."""
+        ids = [self.batch_size * (2 if c in self.columns.multi_hot else 1) for c in self.columns.categorical]
+        widths = (len(self.columns.dense), len(self.columns.labels))
+        return _parts([self.batch_size] * self.chunk_batches, [ids] * self.chunk_batches, widths)[1]
+
     def _chunks(self, share: list[Span], sizes: list[int]) -> list[list[tuple[int, int]]]:
         """Batches as (start, size) in share positions, grouped into chunks."""
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
@@ -669,7 +700,7 @@ class ParquetBatches(IterableDataset):
         needed = [gi for gi, _ in groupby(gi for chunk in chunks for pieces in chunk for gi, _, _ in pieces)]
         blocks = self._read_ahead(needed, epoch)
         held, block = -1, None
-        for chunk in chunks:
+        for k, chunk in enumerate(chunks):
             batches = []
             for pieces in chunk:
                 batches.append([])
@@ -677,7 +708,9 @@ class ParquetBatches(IterableDataset):
                     if gi != held:  # the next one: row groups come in the order needed
                         held, block = gi, next(blocks)
                     batches[-1].append((block, lo, hi))
-            yield Chunk.pack(batches, self.columns)
+            place = None if self.slots is None or not info else \
+                (lambda size, k=k: self.slots.take(me, k, size))
+            yield Chunk.pack(batches, self.columns, place)
 
     @staticmethod
     def _pieces(share: list[Span], start: int, size: int, order: list[int],
@@ -695,25 +728,143 @@ class ParquetBatches(IterableDataset):
         return pieces
 
 
-def iter_batches(dataset: ParquetBatches, num_workers: int, pin_memory: bool) -> Iterator[Batch]:
+SLOTS_PER_WORKER = 3  # a chunk being trained on, and two packed ahead
+
+
+class ChunkSlots:
+    """Shared, page-locked memory that reader workers pack chunks into and the copy to the GPU
+    reads in place.
+
+    A DataLoader hands a worker's chunk over by moving it into a new shared-memory segment
+    (a copy in the worker), passing that segment's file descriptor through the worker's Python,
+    and copying it into page-locked memory on the trainer's pin thread: work on the trainer's
+    host, whose time bounds a GPU step, for every chunk. Here the trainer makes the memory once
+    (a memfd, each slot `slot_bytes`, registered with CUDA), worker w packs its k-th chunk into
+    its slot k mod `per_worker` and sends back the slot's number, and a slot is written again
+    only after the trainer has released it (`release`: the copies of its chunk are done).
+    """
+
+    def __init__(self, workers: int, per_worker: int, slot_bytes: int, pin: bool):
+        self.workers, self.per_worker = workers, per_worker
+        self.slot_bytes = -(-slot_bytes // 64) * 64  # each slot's int64s start aligned
+        self.size = workers * per_worker * self.slot_bytes
+        self._fd = os.memfd_create("mmoe-reader-chunks")
+        os.ftruncate(self._fd, self.size)
+        self._owner = os.getpid()
+        # 1: the slot holds a chunk the trainer has not released (shared with forked workers)
+        self._taken = np.frombuffer(mmap.mmap(-1, 8 * workers * per_worker), np.int64)
+        self._memory: dict[int, torch.Tensor] = {}
+        self.pinned = pin
+        if pin:
+            mem = self.memory()
+            err = int(torch.cuda.cudart().cudaHostRegister(mem.data_ptr(), self.size, 1))  # 1: portable
+            if err:
+                raise RuntimeError(f"page-locking {self.size / 2**20:.0f} MiB of reader slots failed "
+                                   f"(CUDA error {err}); lower data.num_workers")
+
+    def memory(self) -> torch.Tensor:
+        """This process's mapping: a forked worker maps the memfd anew (the driver may keep
+        page-locked memory out of a fork's copy of the trainer's)."""
+        pid = os.getpid()
+        if pid not in self._memory:
+            self._memory = {pid: torch.frombuffer(mmap.mmap(self._fd, self.size), dtype=torch.uint8)}
+        return self._memory[pid]
+
+    def view(self, slot: int) -> torch.Tensor:
+        return self.memory()[slot * self.slot_bytes:(slot + 1) * self.slot_bytes]
+
+    def take(self, worker: int, k: int, size: int) -> tuple[int | None, np.ndarray]:
+        """(slot, bytes) for `worker`'s k-th chunk of `size` bytes, once the trainer released
+        the slot; a chunk too big for a slot gets memory of its own (slot None)."""
+        if size > self.slot_bytes:
+            return None, np.empty(size, np.uint8)
+        slot = worker * self.per_worker + k % self.per_worker
+        wait = 0.0002
+        while self._taken[slot]:  # a worker ahead of training waits here most of the time
+            if os.getppid() != self._owner:
+                raise RuntimeError("the training process is gone")
+            time.sleep(wait)
+            wait = min(2 * wait, 0.005)  # seldom wakes, beside a trainer bound by its host
+        self._taken[slot] = 1
+        return slot, self.view(slot)[:size].numpy()
+
+    def release(self, copies: list[torch.cuda.Event] | None, slot: int) -> None:
+        """Frees `slot` once `copies` (of its chunk's batches to the GPU) are done."""
+        for event in copies or ():
+            event.synchronize()  # made a chunk ago: done, unless the copy engine fell behind
+        self._taken[slot] = 0
+
+    def reset(self) -> None:
+        self._taken[:] = 0
+
+    def __reduce__(self):
+        raise TypeError("reader slots reach the DataLoader's workers by fork (its default on Linux), "
+                        "not by pickling")
+
+
+_IDLE_SLOTS: list[ChunkSlots] = []  # slots whose loader has finished, for the next one
+
+
+def _slots_for(dataset: ParquetBatches, workers: int) -> ChunkSlots:
+    """Idle slots that fit `dataset`'s chunks, or new ones (page-locking takes a while, and
+    every epoch and evaluation starts a loader)."""
+    need = dataset.chunk_bytes()
+    for i, slots in enumerate(_IDLE_SLOTS):
+        if slots.pinned and slots.workers == workers and slots.slot_bytes >= need:
+            return _IDLE_SLOTS.pop(i)
+    return ChunkSlots(workers, SLOTS_PER_WORKER, need, pin=True)
+
+
+def iter_batches(dataset: ParquetBatches, num_workers: int, pin_memory: bool,
+                 slots: ChunkSlots | None = None) -> Iterator[Batch]:
     """Step-ordered batches of one epoch (or of what remains of it). The reader workers start
     now, not at the first batch: made before an epoch ends, the next epoch's first batches
-    are decoded by the time they are needed (see `batches_in_flight`)."""
-    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                        persistent_workers=False, prefetch_factor=PREFETCH_CHUNKS if num_workers else None,
+    are decoded by the time they are needed (see `batches_in_flight`).
+
+    Workers pack into `slots`, by default page-locked ones (`ChunkSlots`) where `pin_memory`
+    asks for pinned batches on a GPU machine. Batches in slots are views of memory the reader
+    reuses: copy each one as it is taken (`.to(device, non_blocking=True)`, as TorchRec's
+    pipeline does). A chunk's slot is written again once the batch after the following chunk
+    is asked for, and its batches' copies to the GPU are done.
+    """
+    if slots is None and pin_memory and num_workers and torch.cuda.is_available():
+        slots = _slots_for(dataset, num_workers)
+    if slots is not None:
+        dataset = copy.copy(dataset)  # the workers' copy packs into the slots
+        dataset.slots = slots
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                        pin_memory=pin_memory and slots is None, persistent_workers=False,
+                        prefetch_factor=PREFETCH_CHUNKS if num_workers else None,
                         # its own generator: drawing worker seeds from the global one would
                         # shift dropout masks depending on when an epoch's loader starts
                         generator=torch.Generator())
-    return _unpack(iter(loader))
+    return _unpack(iter(loader), slots)
 
 
-def _unpack(chunks: Iterator[Chunk]) -> Iterator[Batch]:
+def _unpack(chunks: Iterator[Chunk], slots: ChunkSlots | None) -> Iterator[Batch]:
+    held = []  # (copies made, slot) of the chunks in slots not released yet
     try:
         for chunk in chunks:
-            yield from chunk.batches()
+            if chunk.slot is None:
+                yield from chunk.batches()
+                continue
+            chunk.buffer = slots.view(chunk.slot)
+            held.append(([] if slots.pinned else None, chunk.slot))
+            yield from chunk.batches(held[-1][0])
+            if len(held) > 1:  # moved past this one: the one before is done with
+                slots.release(*held.pop(0))
     except DataError as e:
         # a worker's error arrives with its traceback in the message; keep the one line
         raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+    finally:
+        if slots is not None:
+            for copies, slot in held:
+                slots.release(copies, slot)
+            slots.reset()  # wakes a worker waiting for a slot, so that the loader can stop it
+            chunks = None  # stops the loader's workers (its iterator's finalizer joins them)
+            slots.reset()  # what they packed meanwhile is dropped
+            if slots.pinned:
+                _IDLE_SLOTS.append(slots)
 
 
 def batches_in_flight(dataset: ParquetBatches, num_workers: int) -> int:

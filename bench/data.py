@@ -60,10 +60,10 @@ def make_parquet(out: Path, rows: int, workers: int):
     return generate(out, spec, workers=workers)
 
 
-def cpu_seconds() -> float:
+def cpu_seconds(children: bool = True) -> float:
     """CPU time of this process (all its threads) and of its finished children (workers)."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    return me.ru_utime + me.ru_stime + (kids.ru_utime + kids.ru_stime if children else 0.0)
 
 
 def raw_read(files: list[Path], threads: bool = True) -> tuple[int, float, float]:
@@ -89,16 +89,32 @@ def best(fn, *args, repeat: int = 3) -> dict:
 # The reader, in a fresh process that imports `app` from the checkout being measured
 
 
-def _reader_pass(root: Path, workers: int) -> tuple[int, float, float]:
-    """The training path: one shuffled epoch of rank 0 of 1, to ready batches."""
+def _reader_pass(root: Path, workers: int, slots: bool = False) -> tuple[int, float, float]:
+    """The training path: one shuffled epoch of rank 0 of 1, to ready batches. `slots`: the
+    workers pack into `ChunkSlots` (the hand-over a GPU run uses, page-locked there)."""
     from app.data import Columns, ParquetBatches, Schema, iter_batches
 
     schema = Schema.load(root)
     columns = Columns.resolve(schema, schema.labels, [], [], "bench")
     start, cpu = time.perf_counter(), cpu_seconds()
     ds = ParquetBatches(root, "train", columns, ("binary",) * len(schema.labels), BATCH, 0, 1, train=True)
-    rows = sum(len(b) for b in iter_batches(ds, num_workers=workers, pin_memory=False))
+    rows = sum(len(b) for b in iter_batches(ds, num_workers=workers, pin_memory=False,
+                                            slots=_unpinned_slots(ds, workers) if slots else None))
     return rows, time.perf_counter() - start, cpu_seconds() - cpu
+
+
+def _unpinned_slots(ds, workers: int):
+    from app.data import SLOTS_PER_WORKER, ChunkSlots
+
+    return ChunkSlots(workers, SLOTS_PER_WORKER, ds.chunk_bytes(), pin=False)
+
+
+def _handover_pass(root: Path, workers: int, slots: bool) -> dict:
+    """CPU time of this process alone (its threads, not the workers) a batch: what taking
+    the batches from the workers costs the training process."""
+    cpu = cpu_seconds(children=False)
+    rows, seconds, _ = _reader_pass(root, workers, slots)
+    return {"cpu_us": (cpu_seconds(children=False) - cpu) / rows * BATCH * 1e6, "rate": rows / seconds}
 
 
 def _profile(root: Path, top: int = 16) -> str:
@@ -144,6 +160,10 @@ def child(args) -> None:
         raws += [r for r, _ in runs]
         rates[w] = best(lambda: runs.pop(0)[1], repeat=args.repeat)
     result = {"rates": rates, "raw": best(lambda: raws.pop(0), repeat=len(raws))}
+    # each hand-over's least CPU of its passes (the measure least moved by other load)
+    result["handover"] = {w: {way: min((_handover_pass(root, w, way == "slots") for _ in range(args.repeat)),
+                                       key=lambda r: r["cpu_us"]) for way in ("shared memory", "slots")}
+                          for w in (int(x) for x in args.workers.split(",")) if w}
     if args.profile:
         result["profile"] = _profile(root)
     print(json.dumps(result))
@@ -283,6 +303,19 @@ def report(info: dict, rows: int, disk_mb: float, mem_mb: float, raw1: dict,
                   "Extrapolated from this machine's per-core cost, not measured on a 16-core one; it "
                   "assumes workers scale linearly (they share nothing; each decodes its own row "
                   "groups)."]
+    lines += ["", "## Hand-over: from the reader workers to the training process", "",
+              "CPU time of the measuring process alone (all its threads, not its workers) a batch, "
+              "least of the passes: what receiving batches costs the process whose host time bounds "
+              "a GPU step. \"shared memory\": each chunk (8 batches) packed into the worker's own "
+              "memory, which the DataLoader moves into a new shared-memory segment and hands over "
+              "by file descriptor; \"slots\": packed into `ChunkSlots` made once by the training "
+              "process, only the slot's number handed over. On a GPU machine the slots are also "
+              "page-locked, which saves the pin thread's copy of every chunk besides; this CPU "
+              "machine measures without it (no pin thread either way).", "",
+              "| reader | workers | hand-over | CPU µs a batch | samples/s |", "| --- | ---: | --- | ---: | ---: |"]
+    for name, result in readers.items():
+        for w, ways in result.get("handover", {}).items():
+            lines += [f"| {name} | {w} | {way} | {r['cpu_us']:,.0f} | {r['rate']:,.0f} |" for way, r in ways.items()]
     if conv:
         lines += [
             "",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On one machine with 4 GPUs: the e2e benchmark (bf16, trainer defaults) on 1, 2 and 4 GPUs of the
 # same machine: weak scaling at 8192 samples per GPU; the 1-GPU run also times the naive loop (its
-# baseline). Then census AUCs (fp32 and bf16, compiled and not, one GPU each, at once).
+# baseline). Then census AUCs (fp32 and bf16, compiled and not, at once, spread over the GPUs).
 # Needs data/census (`python -m app data census`) unless CENSUS=0; COUNTS="1 2" on 2 GPUs.
 # Logs and a RESULTS.md with a section per run go to $OUT; a short table is printed last.
 set -uo pipefail
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}; OUT=${OUT:-/tmp/gpu-scaling}; ROWS=${ROWS:-16000000}; WORKERS=${WORKERS:-8}
 mkdir -p "$OUT"
 cp bench/RESULTS.md "$OUT/RESULTS.md"
-for n in ${COUNTS:-1 2 4}; do
+for n in ${COUNTS-1 2 4}; do  # COUNTS="": census only
   t0=$SECONDS
   skip=reader,embedding,dense; [[ $n != 1 ]] && skip=$skip,naive
   CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) timeout "${LIMIT:-170}" $PY -m torch.distributed.run --standalone \
@@ -17,10 +17,10 @@ for n in ${COUNTS:-1 2 4}; do
     --num-workers "$WORKERS" --e2e-seconds "${SECONDS_E2E:-30}" --out "$OUT/RESULTS.md" > "$OUT/e2e_$n.log" 2>&1
   echo "e2e on $n GPU(s): rc=$? $((SECONDS - t0)) s" >> "$OUT/summary.txt"
 done
-gpu=0
+gpu=0; gpus=$(nvidia-smi -L | wc -l)
 [[ ${CENSUS:-1} == 1 ]] && for precision in fp32 bf16; do
   for compile in off auto; do
-    CUDA_VISIBLE_DEVICES=$gpu timeout 240 $PY -m app train --config configs/census_mmoe.toml \
+    CUDA_VISIBLE_DEVICES=$((gpu % gpus)) timeout 240 $PY -m app train --config configs/census_mmoe.toml \
       --model.precision $precision --model.compile $compile --train.resume false \
       --train.run_dir "$OUT/census_${precision}_$compile" > "$OUT/census_${precision}_$compile.log" 2>&1 &
     gpu=$((gpu + 1))

@@ -9,7 +9,7 @@ times steady-state steps under several feeds and profiles a few steps with torch
 
 Prints the ms/step of each, each rank's host time by pipeline phase (and in waits for the GPU
 or a collective), the profiler's top ops by GPU and by CPU time, and how busy the GPU was;
-writes a Chrome trace to --trace. Takes the options of `bench/train.py`:
+writes a Chrome trace to --trace (on 2+ ranks each rank's, named .rankN.json.gz). Takes the options of `bench/train.py`:
 
     python bench/profile_step.py --precision bf16 --rows 4000000 [--trace /tmp/trace.json.gz]
                                  [--compile off] [--ddp] [--ddp-split] [--steps 150]
@@ -142,7 +142,7 @@ def main() -> None:
     metrics = TrainMetrics(list(cfg.tasks), env.device)
     data = split_data(cfg, env, columns, cfg.data.train_split, train=True)
     parquet = (b for _ in itertools.count() for b in iter_batches(data, args.num_workers, cuda))
-    held = [next(parquet).pin_memory() if cuda else next(parquet) for _ in range(16)]
+    held = [next(parquet).pinned_copy() if cuda else next(parquet) for _ in range(16)]
     memory = itertools.cycle(held)
 
     steps_run = itertools.count(1)
@@ -187,8 +187,9 @@ def main() -> None:
             step(memory, True)
         bench.sync(env.device)
         wall = time.perf_counter() - start
-    raw = Path(trace).with_suffix("") if trace and env.rank == 0 else \
-        Path(args.work) / f"profile_trace_rank{env.rank}.json"
+    if trace and env.world_size > 1:  # every rank's, side by side
+        trace = trace.replace(".json", f".rank{env.rank}.json")
+    raw = Path(trace).with_suffix("") if trace else Path(args.work) / f"profile_trace_rank{env.rank}.json"
     prof.export_chrome_trace(str(raw))
     with open(raw) as f:
         events = json.load(f)["traceEvents"]
@@ -205,12 +206,12 @@ def main() -> None:
             print(f"GPU busy {1000 * busy / steps:.2f} ms/step (union of kernel and copy intervals) "
                   f"of {1000 * wall / steps:.2f} ms/step under the profiler")
         print(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
-        if trace:
-            with open(raw, "rb") as f, gzip.open(trace, "wb") as g:
-                g.write(f.read())
         print("\n| feed | ms/step | samples/s per rank |\n| --- | ---: | ---: |")
         for name, ms, rate in rows:
             print(f"| {name} | {ms:.2f} | {rate:,.0f} |")
+    if trace:
+        with open(raw, "rb") as f, gzip.open(trace, "wb") as g:
+            g.write(f.read())
     raw.unlink()
     collector.close()
     dist.barrier()

@@ -1,5 +1,6 @@
 import dataclasses
 import hashlib
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -7,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from app.data import (Columns, ParquetBatches, Position, RowGroup, Schema, arrow_to_batch, batch_sizes,
+from app.data import (ChunkSlots, Columns, ParquetBatches, Position, RowGroup, Schema, arrow_to_batch, batch_sizes,
                       consume, epoch_order, iter_batches, rank_share, row_permutation, span_rows,
                       take_spans)
 
@@ -339,3 +340,82 @@ def test_evaluation_batches_of_a_short_share_match_the_reference(tmp_path, chunk
         assert_same(got, reference(tmp_path, columns, 1, rank, 4, train=False, seed=0, shuffle=False,
                                    position=Position()))
     assert [len(b) for b in got] == [1, 1, 0]
+
+
+def _copy(batch):
+    """What the trainer's pipeline does with a reader batch as it takes it: a copy of its own."""
+    return batch._map(torch.clone)
+
+
+def _in(slots, batch):
+    start = slots.memory().data_ptr()
+    return start <= batch.packed.data_ptr() < start + slots.size
+
+
+@pytest.mark.parametrize("fit", ["all", "some"])
+def test_workers_packing_into_slots_match_the_reference(tmp_path, fit):
+    """Multi-hot chunks in slots, and chunks too big for a slot packed outside them."""
+    columns = mixed_dataset(tmp_path, (3, 2))
+    ds = ParquetBatches(tmp_path, "train", columns, ("binary", "binary"), 32, 0, 1, train=True, seed=4,
+                        chunk_batches=2)
+    plain = list(iter_batches(ds, 0, pin_memory=False))
+    chunk_sizes = sorted(sum(-(-b.packed.nbytes // 8) * 8 for b in plain[i:i + 2]) for i in range(0, len(plain), 2))
+    slots = ChunkSlots(2, 2, ds.chunk_bytes() if fit == "all" else chunk_sizes[len(chunk_sizes) // 2], pin=False)
+    inside, got = [], []
+    for batch in iter_batches(ds, 2, pin_memory=False, slots=slots):
+        inside.append(_in(slots, batch))
+        got.append(_copy(batch))
+    assert_same(got, reference(tmp_path, columns, 32, 0, 1, train=True, seed=4, shuffle=True,
+                               position=Position()))
+    assert all(inside) if fit == "all" else 0 < sum(inside) < len(inside)
+
+
+def test_a_slot_is_written_again_only_after_the_next_chunk(tmp_path):
+    """A chunk's batches stay intact while the next chunk's are taken: one worker with two
+    slots is then waiting to pack the chunk after into the first one."""
+    columns = uneven_dataset(tmp_path)
+    ds = ParquetBatches(tmp_path, "train", columns, ("binary",), 128, 0, 1, train=True, seed=2, chunk_batches=2)
+    slots = ChunkSlots(1, 2, ds.chunk_bytes(), pin=False)
+    previous, current, checked = [], [], 0
+    for i, batch in enumerate(iter_batches(ds, 1, pin_memory=False, slots=slots)):
+        if i % 2 == 0:  # a chunk's first batch: the previous chunk's must still be there
+            previous, current = current, []
+            if previous:
+                time.sleep(0.1)  # time for the worker to write over a slot released too early
+                assert all(torch.equal(view.packed, copy.packed) for view, copy in previous), f"batch {i}"
+                checked += 1
+        current.append((batch, _copy(batch)))
+    assert checked > 10
+
+
+def test_a_reader_stopped_early_frees_its_slots(tmp_path):
+    columns = uneven_dataset(tmp_path)
+    ds = ParquetBatches(tmp_path, "train", columns, ("binary",), 100, 0, 1, train=True, seed=1, chunk_batches=2)
+    slots = ChunkSlots(2, 2, ds.chunk_bytes(), pin=False)
+    batches = iter_batches(ds, 2, pin_memory=False, slots=slots)
+    first = [_copy(next(batches)) for _ in range(5)]
+    batches.close()  # the workers hold slots and wait for more
+    again = [_copy(b) for b in iter_batches(ds, 2, pin_memory=False, slots=slots)]
+    plain = list(iter_batches(ds, 0, pin_memory=False))
+    assert len(again) == len(plain) > 5
+    assert all(torch.equal(a.packed, b.packed) for a, b in zip(first + again, plain[:5] + plain))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_page_locked_slots_feed_the_gpu(tmp_path):
+    """On a GPU machine pinned batches come from page-locked slots, copied on a side stream
+    as TorchRec's pipeline does, over several rounds of slot reuse and two epochs."""
+    columns = uneven_dataset(tmp_path)
+    ds = ParquetBatches(tmp_path, "train", columns, ("binary",), 64, 0, 1, train=True, seed=2, chunk_batches=2)
+    copies = torch.cuda.Stream()
+    for epoch in range(2):
+        ds.set_position(Position(epoch))
+        got = []
+        for batch in iter_batches(ds, 2, pin_memory=True):
+            with torch.cuda.stream(copies):
+                assert batch.packed.is_pinned()
+                got.append(batch.to(torch.device("cuda"), non_blocking=True))
+        torch.cuda.synchronize()
+        plain = list(iter_batches(ds, 0, pin_memory=False))
+        assert len(got) == len(plain) > 20
+        assert all(torch.equal(a.packed.cpu(), b.packed) for a, b in zip(got, plain))
