@@ -845,13 +845,15 @@ def _unpack(chunks: Iterator[Chunk], slots: ChunkSlots | None) -> Iterator[Batch
     held = []  # (copies made, slot) of the chunks in slots not released yet
     try:
         for chunk in chunks:
-            if chunk.slot is None:
-                yield from chunk.batches()
-                continue
-            chunk.buffer = slots.view(chunk.slot)
-            held.append(([] if slots.pinned else None, chunk.slot))
-            yield from chunk.batches(held[-1][0])
-            if len(held) > 1:  # moved past this one: the one before is done with
+            copies = None
+            if chunk.slot is not None:
+                chunk.buffer = slots.view(chunk.slot)
+                copies = [] if slots.pinned else None
+                held.append((copies, chunk.slot))
+            yield from chunk.batches(copies)
+            # moved past this chunk: the ones before it are done with (their copies long
+            # issued); only this one's slot stays held while the next chunk is waited for
+            while len(held) > (chunk.slot is not None):
                 slots.release(*held.pop(0))
     except DataError as e:
         # a worker's error arrives with its traceback in the message; keep the one line

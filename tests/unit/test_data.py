@@ -1,5 +1,6 @@
 import dataclasses
 import hashlib
+import threading
 import time
 
 import numpy as np
@@ -386,6 +387,35 @@ def test_a_slot_is_written_again_only_after_the_next_chunk(tmp_path):
                 checked += 1
         current.append((batch, _copy(batch)))
     assert checked > 10
+
+
+def test_chunks_too_big_for_a_slot_do_not_hold_back_the_next_one(tmp_path):
+    """One worker, three slots: chunk 0 fits its slot, chunks 1 and 2 (8 ids a row) are packed
+    outside, chunk 3 needs chunk 0's slot. Holding chunk 0's slot until another chunk in a slot
+    is done would wait forever."""
+    (tmp_path / "train").mkdir()
+    idx = np.arange(256)
+    tags = [[int(r) % 9] * (8 if 64 <= r < 192 else 1) for r in idx]
+    pq.write_table(pa.table({"y": (idx % 2).astype(np.float32), "x": idx.astype(np.float32),
+                             "tags": pa.array(tags, pa.list_(pa.int64()))}),
+                   tmp_path / "train" / "part-0.parquet", row_group_size=64)
+    Schema(labels=["y"], dense=["x"], categorical={"tags": 9}, multi_hot=["tags"]).save(tmp_path)
+    columns = Columns.resolve(Schema.load(tmp_path), ["y"], [], [], "test")
+    ds = ParquetBatches(tmp_path, "train", columns, ("binary",), 32, 0, 1, train=True, shuffle=False, chunk_batches=2)
+    slots = ChunkSlots(1, 3, ds.chunk_bytes(), pin=False)
+    got, inside = [], []
+
+    def read():
+        for batch in iter_batches(ds, 1, pin_memory=False, slots=slots):
+            inside.append(_in(slots, batch))
+            got.append(_copy(batch))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert not reader.is_alive(), f"the reader stalled after {len(got)} batches"
+    assert inside == [True] * 2 + [False] * 4 + [True] * 2
+    assert torch.cat([b.row_ids for b in got]).tolist() == list(range(256))
 
 
 def test_a_reader_stopped_early_frees_its_slots(tmp_path):
