@@ -10,13 +10,19 @@ those back too. So the host waits for the GPU twice a step and cannot run ahead 
 one rank the first exchange happens for nothing. Here both go over a gloo group between the
 hosts, and one rank exchanges nothing. The ids themselves still move with NCCL, as TorchRec
 sends them.
+
+TorchRec also builds the ids' reordering after the all-to-all (`_get_recat`) from a Python list
+every step, copied to the GPU with a wait for the copy; it depends only on the splits and the
+batch sizes, so here it is made once per distinct value and kept.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
 import torch.distributed as dist
+from torchrec.distributed import dist_data
 from torchrec.distributed.dist_data import KJTAllToAll, KJTAllToAllTensorsAwaitable
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import Awaitable
@@ -30,6 +36,7 @@ class TrainPipeline(TrainPipelineSparseDist):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  **kwargs) -> None:
         super().__init__(model, optimizer, device, **kwargs)
+        dist_data._get_recat = _kept_recat
         # gloo ranks already talk on the host; NCCL ranks get a gloo group of their own
         self._host_group = None if dist.get_world_size() == 1 else \
             dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
@@ -43,6 +50,22 @@ class TrainPipeline(TrainPipelineSparseDist):
                     kjt_dist = getattr(input_dist, "_dist", None)
                     if isinstance(kjt_dist, KJTAllToAll):
                         _exchange_on_host(kjt_dist, self._host_group)
+
+
+_torchrec_recat = dist_data._get_recat
+
+
+def _kept_recat(local_split: int, num_splits: int, stagger: int = 1, device: torch.device | None = None,
+                batch_size_per_rank: list[int] | None = None) -> torch.Tensor | None:
+    """TorchRec's `_get_recat`, made once per distinct arguments (read-only where it is used)."""
+    return _recat(local_split, num_splits, stagger, device,
+                  None if batch_size_per_rank is None else tuple(batch_size_per_rank))
+
+
+@functools.lru_cache(maxsize=256)
+def _recat(local_split, num_splits, stagger, device, batch_size_per_rank) -> torch.Tensor | None:
+    return _torchrec_recat(local_split, num_splits, stagger, device,
+                           None if batch_size_per_rank is None else list(batch_size_per_rank))
 
 
 def _exchange_on_host(kjt_dist: KJTAllToAll, host_group: dist.ProcessGroup | None) -> None:

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.constants import default_pg_timeout
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -110,16 +111,11 @@ def build(cfg: Config, env: Env, columns: Columns):
                                 dict(sparse_kwargs))  # it adds keys to the dict it gets
     plan = training_plan(cfg.plan, wrapped, [table_name(f) for f in columns.categorical],
                          env.world_size, env.device.type, cfg.data.batch_size, env.local_world_size)
-    if wrapped.compile_mode != "off":
-        # DDP's gradient buckets would split the compiled step into a graph each, and every
-        # replay costs host time, which bounds a GPU step here (2 H100s: 9.1 ms a step against
-        # 9.6 with the split); the all-reduce then follows the backward instead of overlapping it
-        torch._dynamo.config.optimize_ddp = False
-    # one rank has nothing to all-reduce: no DDP (its hooks and bucket copies cost host time a step)
+    # No DDP: the optimizer averages the replicated parameters' gradients (`AveragingOptimizer`)
     dmp = DistributedModelParallel(wrapped, device=env.device, plan=plan, sharders=sharders(),
-                                   init_data_parallel=env.world_size > 1)
+                                   init_data_parallel=False)
     # Tables the plan replicates (data_parallel) are plain parameters after sharding, outside
-    # the fused optimizer: give them the sparse optimizer too, stepped after DDP's all-reduce.
+    # the fused optimizer: give them the sparse optimizer too, stepped after the averaging.
     unfused = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     replicated = {k: v for k, v in unfused.items() if ".sparse.ebc." in k}
     dense = {k: v for k, v in unfused.items() if k not in replicated}
@@ -133,7 +129,79 @@ def build(cfg: Config, env: Env, columns: Columns):
     optimizers.append(("dense", KeyedOptimizerWrapper(
         dense, lambda ps: DENSE_OPTIMIZERS[cfg.optim.dense](ps, lr=cfg.optim.dense_lr,
                                                             weight_decay=cfg.optim.weight_decay, **fused))))
-    return dmp, CombinedOptimizer(optimizers), plan
+    broadcast_from_first(list(unfused.values()))  # as DDP did: every rank starts from rank 0's values
+    return dmp, AveragingOptimizer(optimizers, list(unfused.values())), plan
+
+
+class AveragingOptimizer(CombinedOptimizer):
+    """The combined optimizer, stepping after the gradients of the parameters every rank holds
+    (dense head, replicated tables) are averaged over the ranks (`GradientMeans`)."""
+
+    def __init__(self, optimizers: list, replicated: list[torch.nn.Parameter]):
+        super().__init__(optimizers)
+        self._means = GradientMeans(replicated) if dist.get_world_size() > 1 else None
+
+    def step(self, closure=None) -> None:
+        if self._means is not None:
+            self._means.wait()
+        super().step(closure)
+
+
+def _flat_groups(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """`tensors` by dtype: each group flattens into one buffer."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return list(groups.values())
+
+
+class GradientMeans:
+    """Replaces the gradients of `params` with their means over the ranks, in one flat all-reduce
+    (per dtype) that starts as soon as the backward has accumulated the last of them, so that it
+    overlaps the rest of the backward (the tables' update, the all-to-alls), as DDP's did. DDP
+    got there with an autograd hook, a copy into its bucket and a division per parameter, whose
+    host time a GPU step pays. Parameters without a gradient are left out; the model's graph is
+    the same on every rank, so they are the same ones."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params, self._accumulated, self._pending = params, 0, []
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._accumulate)
+
+    def _accumulate(self, _: torch.Tensor) -> None:
+        self._accumulated += 1
+        if self._accumulated == len(self.params):
+            self._start()
+
+    def _start(self) -> None:
+        nccl = dist.get_backend() == "nccl"  # gloo has no AVG
+        for group in _flat_groups([p for p in self.params if p.grad is not None]):
+            flat = _flatten_dense_tensors([p.grad for p in group])
+            work = dist.all_reduce(flat, op=dist.ReduceOp.AVG if nccl else dist.ReduceOp.SUM, async_op=True)
+            self._pending.append((group, flat, work, not nccl))
+
+    def wait(self) -> None:
+        """The means in place of the gradients (started here if some parameter got none)."""
+        if not self._pending:
+            self._start()
+        for group, flat, work, divide in self._pending:
+            work.wait()
+            if divide:
+                flat.div_(dist.get_world_size())
+            for p, g in zip(group, _unflatten_dense_tensors(flat, [p.grad for p in group])):
+                p.grad = g
+        self._pending, self._accumulated = [], 0
+
+
+def broadcast_from_first(params: list[torch.Tensor]) -> None:
+    """Rank 0's values of `params` on every rank."""
+    if dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for group in _flat_groups(params):
+            flat = _flatten_dense_tensors(group)
+            dist.broadcast(flat, src=0)
+            torch._foreach_copy_(group, _unflatten_dense_tensors(flat, group))
 
 
 def split_data(cfg: Config, env: Env, columns: Columns, split: str, train: bool) -> ParquetBatches:

@@ -12,7 +12,7 @@ or a collective), the profiler's top ops by GPU and by CPU time, and how busy th
 writes a Chrome trace to --trace (on 2+ ranks each rank's, named .rankN.json.gz). Takes the options of `bench/train.py`:
 
     python bench/profile_step.py --precision bf16 --rows 4000000 [--trace /tmp/trace.json.gz]
-                                 [--compile off] [--ddp] [--ddp-split] [--steps 150]
+                                 [--compile off] [--steps 150]
                                  [-- trainer overrides]
     torchrun --standalone --nproc-per-node 4 bench/profile_step.py --precision bf16
 """
@@ -105,10 +105,6 @@ def main() -> None:
     cut = argv.index("--") if "--" in argv else len(argv)
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--trace")
-    # DDP around the dense part even on one rank (the trainer adds it from two ranks on)
-    p.add_argument("--ddp", action="store_true")
-    # let DDP's buckets split the compiled step into graphs (the trainer does not)
-    p.add_argument("--ddp-split", action="store_true")
     p.add_argument("--steps", type=int, default=150, help="timed steps per feed")
     p.add_argument("--torchrec-pipeline", action="store_true",
                    help="TorchRec's TrainPipelineSparseDist (splits exchanged through the GPU), for comparison")
@@ -130,10 +126,6 @@ def main() -> None:
     say = print if env.rank == 0 else (lambda *a, **k: None)
     columns = resolve_columns(cfg)
     dmp, optimizer, plan = build(cfg, env, columns)
-    if own.ddp_split:
-        torch._dynamo.config.optimize_ddp = True
-    if own.ddp:
-        dmp.init_data_parallel()
     say(f"{env.world_size} rank(s), {precision}, batch {args.batch_size}, {args.num_workers} workers; plan:")
     say("\n".join(sorted({f"  {p.sharding_type}/{p.compute_kernel}" for m in plan.plan.values()
                           for p in m.values()})))

@@ -5,7 +5,7 @@
 # default 1; options after "--" go to the trainer's config, one word each). Logs go to $OUT
 # (default /tmp/profile-variants); a short table is printed last.
 #   bash bench/profile_variants.sh
-#   VARIANTS="plain=;ddp=--ddp" bash bench/profile_variants.sh      # DDP's cost on one rank
+#   VARIANTS="one=;two:2=" bash bench/profile_variants.sh          # one rank against two
 #   VARIANTS="one=;two:2=;tw=-- --plan.sharding_types [\"table_wise\"]" bash bench/profile_variants.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,7 @@
-"""The trainer's pipeline (splits exchanged on the host) trains exactly as TorchRec's
-`TrainPipelineSparseDist` (splits through the process group), on 2 gloo ranks whose multi-hot
-batches carry different numbers of ids, with equal and with unequal batch sizes."""
+"""The trainer's pipeline (splits exchanged on the host, the ids' reordering kept) trains exactly
+as TorchRec's `TrainPipelineSparseDist` (splits through the process group, the reordering made
+every step), on 2 gloo ranks whose multi-hot batches carry different numbers of ids, with equal
+and with unequal batch sizes."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torchrec.distributed import dist_data
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
@@ -64,6 +66,7 @@ def worker(rank: int, world: int, port: int, data: str, sharding: str, result: d
     columns = Columns.resolve(Schema.load(data), list(cfg.tasks), [], [], "test")
     env = Env(rank, world, rank, world, torch.device("cpu"))
     for batch_size in (64, 64 - 16 * rank):  # the same batch size on both ranks, then not
+        dist_data._get_recat = host_pipeline._torchrec_recat  # the trainer's pipeline replaces it
         theirs, none = _train(TrainPipelineSparseDist, cfg, env, columns, data, batch_size)
         ours, exchanges = _train(host_pipeline.TrainPipeline, cfg, env, columns, data, batch_size)
         assert none == 0 and len(ours) == len(theirs) == STEPS
@@ -73,6 +76,19 @@ def worker(rank: int, world: int, port: int, data: str, sharding: str, result: d
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"rank {rank} step {step} batch {batch_size}")
     result[rank] = True
     dist.destroy_process_group()
+
+
+def test_kept_recat_is_torchrecs_made_once():
+    # (ids per rank, ranks, stagger, device, batch size per rank)
+    for args in [(2, 4, 1, None, None), (3, 2, 1, None, [64, 64]), (3, 2, 1, None, [64, 48]),
+                 (2, 4, 2, None, [8, 8, 6, 8]), (0, 2, 1, None, None)]:
+        want = host_pipeline._torchrec_recat(*args)
+        got = host_pipeline._kept_recat(*args)
+        if want is None:
+            assert got is None
+            continue
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert host_pipeline._kept_recat(*args) is got  # made once
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Sharded (2 gloo ranks) against unsharded: same forward, same gradients, same update."""
+"""Sharded (2 gloo ranks) against unsharded: same forward, same gradients, same update; and the
+parameters every rank holds: the same start, the mean gradient."""
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ from conftest import free_port  # noqa: E402
 from app.config import load_config  # noqa: E402
 from app.data import Columns, ParquetBatches, Schema, iter_batches  # noqa: E402
 from app.model import MultiTaskModel, MultiTaskTrain  # noqa: E402
-from app.train import Env, build  # noqa: E402
+from app.train import Env, GradientMeans, broadcast_from_first, build  # noqa: E402
 from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
 
 LR = 0.1
@@ -74,6 +75,12 @@ def worker(rank: int, world: int, port: int, data: str, sharding: str, result: d
     dmp, optimizer, plan = build(cfg, env, columns)
     types = {p.sharding_type for m in plan.plan.values() for p in m.values()}
     assert types == {sharding}, types
+    # what every rank holds (dense weights, replicated tables) starts out the same everywhere
+    for key, value in dmp.state_dict().items():
+        if not hasattr(value, "local_shards"):
+            gathered = [torch.empty_like(value) for _ in range(world)]
+            dist.all_gather(gathered, value.contiguous())
+            assert torch.equal(gathered[0], gathered[1]), key
     set_sharded_tables(dmp)
 
     # the global batch: 2 x 64 rows; this rank's half is rows [64 r, 64 r + 64)
@@ -108,21 +115,18 @@ def worker(rank: int, world: int, port: int, data: str, sharding: str, result: d
     ref_loss.backward()
     torch.testing.assert_close(preds, ref_preds[lo:hi], rtol=1e-5, atol=1e-6)
 
-    # dense gradients: DDP averages the two halves' gradients = the full batch's gradient
-    ref_grads = dict(ref.named_parameters())
+    # dense gradients: each rank's half, until the optimizer averages them into the full
+    # batch's gradient; after one step, every table (fused or replicated) and every dense
+    # weight equals w - lr * grad of the full batch
+    ref_params = dict(ref.named_parameters())
     dense = {n: p for n, p in dmp.named_parameters() if p.grad is not None and ".sparse.ebc." not in n}
     assert dense, "no dense gradients"
-    for name, p in dense.items():
-        ref_name = name.replace("_dmp_wrapped_module.", "").replace("module.", "", 1)
-        torch.testing.assert_close(p.grad, ref_grads[ref_name].grad, rtol=1e-4, atol=1e-6)
-
-    # after one step, every table (fused or replicated) and every dense weight equals
-    # w - lr * grad of the full batch
+    assert not all(torch.allclose(p.grad, ref_params[n].grad, rtol=1e-4, atol=1e-6) for n, p in dense.items())
     optimizer.step()
-    for name, p in dmp.named_parameters():
-        if name in dense:
-            ref_p = ref_grads[name.replace("_dmp_wrapped_module.", "").replace("module.", "", 1)]
-            torch.testing.assert_close(p.detach(), ref_p.detach() - LR * ref_p.grad, rtol=1e-5, atol=1e-6)
+    for name, p in dense.items():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p.detach(), ref_params[name].detach() - LR * ref_params[name].grad,
+                                   rtol=1e-5, atol=1e-6)
     tables = gather_tables(dmp)
     for name, p in ref_model.sparse.ebc.embedding_bags.items():
         expected = p.weight.detach() - LR * p.weight.grad
@@ -135,4 +139,36 @@ def worker(rank: int, world: int, port: int, data: str, sharding: str, result: d
 def test_sharded_equals_unsharded(tiny_data, sharding):
     result = mp.Manager().dict()
     mp.spawn(worker, args=(2, free_port(), str(tiny_data), sharding, result), nprocs=2)
+    assert dict(result) == {0: True, 1: True}
+
+
+def replicas_worker(rank: int, world: int, port: int, result: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(rank)  # each rank starts from values of its own
+    shapes = [((3, 2), torch.float32), ((4,), torch.float64), ((5,), torch.float32), ((2,), torch.float32)]
+    params = [torch.nn.Parameter(torch.randn(shape, dtype=dtype)) for shape, dtype in shapes]
+    broadcast_from_first(params)
+    torch.manual_seed(0)
+    for p, (shape, dtype) in zip(params, shapes):
+        torch.testing.assert_close(p.detach(), torch.randn(shape, dtype=dtype), rtol=0, atol=0)
+
+    means = GradientMeans(params)
+    for used in (4, 3):  # all parameters (the all-reduce starts in the backward), then one left out
+        for p in params:
+            p.grad = None
+        # parameter i's gradient on this rank: (rank + 1) (i + 1) everywhere
+        sum((rank + 1) * (i + 1) * p.sum() for i, p in enumerate(params[:used])).backward()
+        assert bool(means._pending) == (used == len(params))
+        means.wait()
+        for i, p in enumerate(params[:used]):  # the mean of (1, 2) x (i + 1)
+            torch.testing.assert_close(p.grad, torch.full(p.shape, 1.5 * (i + 1), dtype=p.dtype), rtol=0, atol=0)
+        assert all(p.grad is None for p in params[used:])
+    result[rank] = True
+    dist.destroy_process_group()
+
+
+def test_replicated_parameters_start_equal_and_step_on_mean_gradients():
+    result = mp.Manager().dict()
+    mp.spawn(replicas_worker, args=(2, free_port(), result), nprocs=2)
     assert dict(result) == {0: True, 1: True}

@@ -79,14 +79,23 @@ def test_outputs_apply_the_product(tmp_path):
 
 
 def test_dense_input_takes_features_by_key_in_any_plan_order():
-    """A sharded collection returns plan order: the head must see column order either way."""
+    """A sharded collection returns plan order: the head must see column order either way, and
+    each feature's gradient must reach its own columns."""
     pooled = {f: torch.randn(5, d) for f, d in (("a", 2), ("b", 3), ("c", 1))}
     dense = torch.randn(5, 2)
     want = torch.cat([pooled["a"], pooled["b"], pooled["c"], dense], dim=1)
+    upstream = torch.randn(want.shape)  # d loss / d input
+    want_grads = dict(zip("abc", upstream[:, :6].split([2, 3, 1], dim=1)))
     inputs = DenseInput(["a", "b", "c"])
-    for order in (["a", "b", "c"], ["c", "a", "b"], ["b", "c", "a"]):
-        kt = KeyedTensor.from_tensor_list(order, [pooled[f] for f in order])
-        torch.testing.assert_close(inputs(kt, dense), want, rtol=0, atol=0, msg=str(order))
+    for order in (["a", "b", "c"], ["c", "a", "b"], ["b", "c", "a"], ["c", "a", "b"]):
+        values = torch.cat([pooled[f] for f in order], dim=1).requires_grad_()
+        kt = KeyedTensor(order, [pooled[f].shape[1] for f in order], values)
+        x = inputs(kt, dense)
+        torch.testing.assert_close(x, want, rtol=0, atol=0, msg=str(order))
+        x.backward(upstream)
+        got = dict(zip(order, values.grad.split([pooled[f].shape[1] for f in order], dim=1)))
+        for f in "abc":
+            torch.testing.assert_close(got[f], want_grads[f], rtol=0, atol=0, msg=f"{order} {f}")
 
 
 @pytest.mark.parametrize("cfg, device, want", [
