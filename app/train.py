@@ -129,8 +129,9 @@ def build(cfg: Config, env: Env, columns: Columns):
     optimizers.append(("dense", KeyedOptimizerWrapper(
         dense, lambda ps: DENSE_OPTIMIZERS[cfg.optim.dense](ps, lr=cfg.optim.dense_lr,
                                                             weight_decay=cfg.optim.weight_decay, **fused))))
-    broadcast_from_first(list(unfused.values()))  # as DDP did: every rank starts from rank 0's values
-    return dmp, AveragingOptimizer(optimizers, list(unfused.values())), plan
+    held_by_all = list(unfused.values())
+    broadcast_from_first(held_by_all)  # as DDP did: every rank starts from rank 0's values
+    return dmp, AveragingOptimizer(optimizers, held_by_all), plan
 
 
 class AveragingOptimizer(CombinedOptimizer):
