@@ -164,3 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """A gloo process group left for the interpreter's exit to tear down can abort it
+    (`terminate called without an active exception`, exit code -6) after a run that succeeded."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -76,6 +76,17 @@ def test_resume_on_another_world_size_and_plan(tiny_data, tmp_path, saved, loade
     assert json.loads((run / "summary.json").read_text())["world_size"] == loaded
 
 
+def test_a_finished_command_has_left_its_process_group(tiny_data, tmp_path):
+    # left to the interpreter's exit, gloo's threads once aborted a 2-rank predict that had
+    # written its output (exit code -6)
+    code = ("import sys, torch.distributed as dist; from app.cli import main; main(sys.argv[1:]); "
+            "print('joined' if dist.is_initialized() else 'left')")
+    proc = subprocess.run([PY, "-c", code, *map(str, train_args(tiny_data, tmp_path, "--train.max_steps", "2"))],
+                          capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == "left"
+
+
 @pytest.fixture
 def one_rank_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
