@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from app.plan_file import RunPlan, save_plan
+
 LATEST = "latest"
 STATE = "train_state.json"
 
@@ -43,6 +45,7 @@ def _state(model: torch.nn.Module, optimizer) -> dict:
 
 
 def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None."""
     pointer = run_dir / "checkpoints" / LATEST
     if not pointer.exists():
         return None
@@ -91,6 +94,57 @@ def load(path: Path, model: torch.nn.Module, optimizer=None) -> dict:
         _copy_into(full["state"], state["optim"])
         optimizer.load_state_dict(full)
     return json.loads((path / STATE).read_text())
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder's latest checkpoint."""
+    path = Path(path)
+    if (path / STATE).exists():
+        return path
+    found = latest(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint nor a run folder with one")
+    return found
+
+
+class Checkpointer:
+    """A training run's directory: its checkpoints (RUN_DIR/checkpoints, the newest `keep` of
+    them kept), and the files rank 0 writes beside them (config, plan, summary)."""
+
+    def __init__(self, run_dir: Path, keep: int, is_main: bool):
+        self.run_dir, self.keep, self.is_main = run_dir, keep, is_main
+        self.files: dict[str, str] = {}  # small text files saved in each checkpoint
+
+    def resume(self, model: torch.nn.Module, optimizer) -> dict | None:
+        """Loads the latest checkpoint, if any, and returns its train state."""
+        found = latest(self.run_dir)
+        if found is None:
+            return None
+        state = load(found, model, optimizer)
+        if self.is_main:
+            print(f"resuming from {found} (step {state['step']})")
+        return state
+
+    def start(self, config: dict, plan: RunPlan, resumed: bool) -> None:
+        """Rank 0 writes the run's config and plan; a fresh run drops an old run's metrics."""
+        self.files = {"config.json": json.dumps(config, indent=2), "plan.txt": str(plan)}
+        if not self.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not resumed:
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (self.run_dir / "summary.json").unlink(missing_ok=True)
+        (self.run_dir / "config.json").write_text(self.files["config.json"] + "\n")
+        (self.run_dir / "plan.txt").write_text(self.files["plan.txt"] + "\n")
+        save_plan(plan, self.run_dir / "plan.json")  # reusable: --plan.file RUN_DIR/plan.json
+
+    def save(self, step: int, model: torch.nn.Module, optimizer, train_state: dict) -> Path:
+        """Collective: every rank calls it."""
+        return save(self.run_dir, step, model, optimizer, train_state, self.files, self.keep)
+
+    def finish(self, summary: dict) -> None:
+        if self.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def _init_lazy_state(optimizer) -> None:

@@ -14,7 +14,8 @@ import sys
 import warnings
 
 COMMANDS = {}
-DATA_SOURCES = ["app.census", "app.synthetic", "app.criteo", "app.hugectr", "app.mmoe_paper"]  # modules with add_data_command(subparsers)
+DATA_SOURCES = ["app.sources.census", "app.sources.synthetic", "app.sources.criteo", "app.sources.hugectr_norm",
+                "app.sources.mmoe_paper"]  # modules with add_data_command(subparsers)
 
 
 def command(fn):
@@ -124,8 +125,10 @@ def plan(argv: list[str]) -> None:
                                          "cK=M changes column cK, e.g. 100000,c3=100000000")
     p.add_argument("--out", help="write the plan here as JSON, for plan.file")
     args, overrides = p.parse_known_args(argv)
-    from app import plan as planning
+    from app import dry_run
     from app.config import ConfigError, load_config
+    from app.plan import make_topology
+    from app.plan_file import save_plan
 
     cfg = load_config(args.config, overrides)
     if args.world_size < 1 or args.local_world_size < 1:
@@ -134,15 +137,15 @@ def plan(argv: list[str]) -> None:
     if args.world_size % local:
         raise ConfigError(f"--world-size {args.world_size} is not a whole number of hosts of "
                           f"--local-world-size {local} ranks")
-    schema, where = planning.planning_schema(cfg.data.path, [t.label for t in cfg.tasks.values()],
-                                             args.schema, args.cardinality)
-    topology = planning.make_topology(args.world_size, args.compute_device, local,
-                                      planning.parse_bytes(args.hbm), planning.parse_bytes(args.ddr))
-    result = planning.dry_run_config(cfg, schema, where, topology,
-                                     args.batch_size_per_rank or cfg.data.batch_size)
-    print(planning.report(result))
+    schema, where = dry_run.planning_schema(cfg.data.path, [t.label for t in cfg.tasks.values()],
+                                            args.schema, args.cardinality)
+    topology = make_topology(args.world_size, args.compute_device, local,
+                             dry_run.parse_bytes(args.hbm), dry_run.parse_bytes(args.ddr))
+    result = dry_run.dry_run_config(cfg, schema, where, topology,
+                                    args.batch_size_per_rank or cfg.data.batch_size)
+    print(dry_run.report(result))
     if args.out:
-        planning.save_plan(result.plan, args.out)
+        save_plan(result.plan, args.out)
         print(f"\nwrote {args.out}; train with it: mmoe train --config {args.config} --plan.file {args.out}")
 
 
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"usage: mmoe <command> [args]\n{lines}", file=sys.stderr)
         sys.exit(2)
     from app.config import ConfigError
-    from app.data import DataError
+    from app.data.errors import DataError
 
     try:
         COMMANDS[argv[0]](argv[1:])

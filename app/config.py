@@ -18,7 +18,7 @@ from typing import Any
 @dataclass
 class DataConfig:
     # dataset folder holding schema.json and one folder per split, or HugeCTR's data folder
-    # whose splits hold _file_list.txt and _metadata.json (app/hugectr.py)
+    # whose splits hold _file_list.txt and _metadata.json (app/data/hugectr.py)
     path: str = "data/census"
     train_split: str = "train"
     eval_split: str = "test"
@@ -94,6 +94,9 @@ class TrainConfig:
     tensorboard: bool = True  # event files in RUN_DIR/tb (rank 0)
     gate_stats: bool = True  # per-task mean gate weight of each expert, and gate entropy
     gc_every: int = 100  # steps between Python garbage collections while training; 0: Python's own
+    # "host" (TorchRec's pipeline with each batch's counts exchanged between the hosts, app/pipeline.py)
+    # or "torchrec" (TorchRec's TrainPipelineSparseDist as it ships)
+    pipeline: str = "host"
 
 
 @dataclass
@@ -258,6 +261,7 @@ def validate(cfg: Config) -> None:
         "optim.sparse": (cfg.optim.sparse, ("adagrad", "rowwise_adagrad", "sgd", "adam")),
         "data.on_bad_rows": (cfg.data.on_bad_rows, ("error", "skip")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+        "train.pipeline": (cfg.train.pipeline, ("host", "torchrec")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -298,7 +302,3 @@ def _validate_chains(tasks: dict[str, TaskConfig]) -> None:
             if chain[-1] in chain[:-1]:
                 raise ConfigError(f"tasks.{name}.multiply_by makes a cycle: {' -> '.join(chain)}; "
                                   f"a chain must end at a task with no multiply_by")
-
-
-def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

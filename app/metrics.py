@@ -6,9 +6,6 @@ fails with the torchmetrics/lightning-utilities releases torchrec 1.8 installs b
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
@@ -49,33 +46,6 @@ class TrainMetrics:
         self.losses.zero_()
         self.gates, self.steps = None, 0
         return out
-
-
-class RunLog:
-    """Rank 0's record of a run: RUN_DIR/metrics.jsonl lines and TensorBoard scalars."""
-
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tb"))
-
-    def write(self, step: int, record: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **record}) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch"):
-                    self.tb.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 class EvalMetrics(nn.Module):

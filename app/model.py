@@ -21,7 +21,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from app.config import ModelConfig, TaskConfig
-from app.data import Batch, Columns
+from app.data.batch import Batch
+from app.data.schema import Columns
 from app.heads import HEADS, BatchedMLP
 
 class Outputs(NamedTuple):

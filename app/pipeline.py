@@ -1,42 +1,69 @@
-"""The training pipeline: TorchRec's `TrainPipelineSparseDist`, with what each rank must know
-about the others' batches exchanged between the ranks' hosts instead of through the GPU.
+"""The training pipeline: TorchRec's `TrainPipelineSparseDist` (`train.pipeline = "torchrec"`),
+or by default (`"host"`) a subclass of it that learns each batch's counts on the host. This is
+the one module that reaches into TorchRec's internals; `make_pipeline` uses it only on the
+TorchRec releases it was written for and tested on, and TorchRec's own pipeline otherwise.
 
 Before a batch's ids move between ranks, every rank must learn how many it receives from each
 other rank; after they arrive, how many it got of each feature. The sender knows both on the
 host (`Chunk.batches` sets them), but TorchRec copies the counts to the GPU (two blocking
 copies), all-to-alls them with NCCL, where they queue behind the step's other collectives on
 the same communicator, and reads them back; then sums the ids per feature on the GPU and reads
-those back too. So the host waits for the GPU twice a step and cannot run ahead of it, and on
-one rank the first exchange happens for nothing. Here both go over a gloo group between the
-hosts, and one rank exchanges nothing. The ids themselves still move with NCCL, as TorchRec
-sends them.
+those back too. So the host waits for the GPU twice a step and cannot run ahead of it. Here
+both go over a gloo group between the hosts. The ids themselves still move with NCCL, as
+TorchRec sends them. On one rank there is nothing to exchange: the ids stay where they are,
+where TorchRec would still build its exchange (and a reordering tensor, copied to the GPU
+with a wait) every step.
 
 TorchRec also builds the ids' reordering after the all-to-all (`_get_recat`) from a Python list
 every step, copied to the GPU with a wait for the copy; it depends only on the splits and the
-batch sizes, so here it is made once per distinct value and kept.
+batch sizes, so here it is made once per distinct value and kept (`_kept_recats`, applied
+around TorchRec's code that makes it, and only there).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import logging
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
+import torchrec
 from torchrec.distributed import dist_data
 from torchrec.distributed.dist_data import KJTAllToAll, KJTAllToAllTensorsAwaitable
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.distributed.types import Awaitable
+from torchrec.distributed.types import Awaitable, NoWait
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+log = logging.getLogger("app")
 
-class TrainPipeline(TrainPipelineSparseDist):
+PIPELINES = ("host", "torchrec")
+# TorchRec releases (major.minor) whose internals this module was written against and tested on
+WRITTEN_FOR = ("1.6", "1.8")
+
+
+def make_pipeline(kind: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  device: torch.device) -> TrainPipelineSparseDist:
+    """`train.pipeline`: "host" (`HostSplitsPipeline`, where this TorchRec release is one it was
+    written for) or "torchrec". Both run every batch they are given (`execute_all_batches`)."""
+    release = ".".join(torchrec.__version__.split(".")[:2])
+    if kind == "host" and release not in WRITTEN_FOR:
+        log.warning("train.pipeline 'host' reaches into TorchRec internals written for TorchRec %s; "
+                    "this is %s, so TorchRec's own pipeline runs instead", " and ".join(WRITTEN_FOR),
+                    torchrec.__version__)
+        kind = "torchrec"
+    cls = HostSplitsPipeline if kind == "host" else TrainPipelineSparseDist
+    return cls(model, optimizer, device, execute_all_batches=True)
+
+
+class HostSplitsPipeline(TrainPipelineSparseDist):
     """`TrainPipelineSparseDist` whose input distributions exchange their counts on the host.
     Its batches have one batch size for all features (no variable batch per feature)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  **kwargs) -> None:
         super().__init__(model, optimizer, device, **kwargs)
-        dist_data._get_recat = _kept_recat
         # gloo ranks already talk on the host; NCCL ranks get a gloo group of their own
         self._host_group = None if dist.get_world_size() == 1 else \
             dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
@@ -52,25 +79,10 @@ class TrainPipeline(TrainPipelineSparseDist):
                         _exchange_on_host(kjt_dist, self._host_group)
 
 
-_torchrec_recat = dist_data._get_recat
-
-
-def _kept_recat(local_split: int, num_splits: int, stagger: int = 1, device: torch.device | None = None,
-                batch_size_per_rank: list[int] | None = None) -> torch.Tensor | None:
-    """TorchRec's `_get_recat`, made once per distinct arguments (read-only where it is used)."""
-    return _recat(local_split, num_splits, stagger, device,
-                  None if batch_size_per_rank is None else tuple(batch_size_per_rank))
-
-
-@functools.lru_cache(maxsize=256)
-def _recat(local_split, num_splits, stagger, device, batch_size_per_rank) -> torch.Tensor | None:
-    return _torchrec_recat(local_split, num_splits, stagger, device,
-                           None if batch_size_per_rank is None else list(batch_size_per_rank))
-
-
 def _exchange_on_host(kjt_dist: KJTAllToAll, host_group: dist.ProcessGroup | None) -> None:
-    vars(kjt_dist).pop("forward", None)  # TorchRec's own forward again: no exchange on one rank
-    if host_group is not None:
+    if host_group is None:  # one rank: its ids are all its own
+        kjt_dist.forward = lambda kjt: NoWait(NoWait(kjt))
+    else:
         kjt_dist.forward = lambda kjt: HostSplitsAwaitable(kjt_dist, kjt, host_group)
 
 
@@ -95,13 +107,14 @@ class HostSplitsAwaitable(Awaitable[KJTAllToAllTensorsAwaitable]):
         bounds = [0, *itertools.accumulate(kjt_dist._splits)]
         received = torch.stack(self._received)  # [rank it came from, what it sent]
         ids_per_key = received[:, tensors * world + 1:][:, bounds[rank]:bounds[rank + 1]].sum(0)
-        return KnownLengthsAwaitable(
-            ids_per_key.tolist(),
-            pg=kjt_dist._pg, input=kjt, splits=kjt_dist._splits, input_splits=self._input_splits,
-            output_splits=received[:, :tensors * world].view(world, tensors, world)[:, :, rank].T.tolist(),
-            input_tensors=kjt.dist_tensors(), labels=kjt.dist_labels(),
-            keys=kjt.keys()[bounds[rank]:bounds[rank + 1]], device=kjt.device(),
-            stagger=kjt_dist._stagger, stride_per_rank=received[:, tensors * world].tolist())
+        with _kept_recats():
+            return KnownLengthsAwaitable(
+                ids_per_key.tolist(),
+                pg=kjt_dist._pg, input=kjt, splits=kjt_dist._splits, input_splits=self._input_splits,
+                output_splits=received[:, :tensors * world].view(world, tensors, world)[:, :, rank].T.tolist(),
+                input_tensors=kjt.dist_tensors(), labels=kjt.dist_labels(),
+                keys=kjt.keys()[bounds[rank]:bounds[rank + 1]], device=kjt.device(),
+                stagger=kjt_dist._stagger, stride_per_rank=received[:, tensors * world].tolist())
 
 
 class KnownLengthsAwaitable(KJTAllToAllTensorsAwaitable):
@@ -130,3 +143,29 @@ class KnownLengthsAwaitable(KJTAllToAllTensorsAwaitable):
                     self._recat, lengths.view(-1), values, weights, values.numel())
         return KeyedJaggedTensor(keys=self._keys, values=values, weights=weights, lengths=lengths,
                                  stride=sum(strides), length_per_key=self._length_per_key)
+
+
+_torchrec_recat = dist_data._get_recat
+
+
+@contextlib.contextmanager
+def _kept_recats() -> Iterator[None]:
+    """TorchRec's code run inside makes each reordering once per distinct arguments."""
+    dist_data._get_recat = kept_recat
+    try:
+        yield
+    finally:
+        dist_data._get_recat = _torchrec_recat
+
+
+def kept_recat(local_split: int, num_splits: int, stagger: int = 1, device: torch.device | None = None,
+               batch_size_per_rank: list[int] | None = None) -> torch.Tensor | None:
+    """TorchRec's `_get_recat`, made once per distinct arguments (read-only where it is used)."""
+    return _recat(local_split, num_splits, stagger, device,
+                  None if batch_size_per_rank is None else tuple(batch_size_per_rank))
+
+
+@functools.lru_cache(maxsize=256)
+def _recat(local_split, num_splits, stagger, device, batch_size_per_rank) -> torch.Tensor | None:
+    return _torchrec_recat(local_split, num_splits, stagger, device,
+                           None if batch_size_per_rank is None else list(batch_size_per_rank))

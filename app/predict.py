@@ -12,29 +12,28 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
 from app import checkpoint
 from app.config import Config, load_config
-from app.data import iter_batches
-from app.pipeline import TrainPipeline
-from app.train import (Env, build, evaluate, init_distributed, resolve_columns, run_pipeline, scoring,
-                       split_data)
+from app.data.loader import iter_batches
+from app.distributed import Env, init_distributed
+from app.evaluate import evaluate, run_pipeline, scoring
+from app.feed import split_data
+from app.pipeline import make_pipeline
+from app.sharded import build, resolve_columns
 
 
 def restore(path: str | Path, overrides: list[str]) -> tuple[Config, Env, torch.nn.Module,
-                                                              TrainPipeline]:
+                                                              TrainPipelineSparseDist]:
     """A checkpoint folder, or a run folder (its latest checkpoint), ready to score."""
-    path = Path(path)
-    if not (path / checkpoint.STATE).exists():
-        found = checkpoint.latest(path)
-        if found is None:
-            raise FileNotFoundError(f"{path}: neither a checkpoint nor a run folder with one")
-        path = found
+    path = checkpoint.resolve(path)
     # the run's plan file was made for its world size; plan afresh unless told otherwise
     cfg = load_config(path / "config.json", ["--plan.file", "", *overrides])
     env = init_distributed(cfg.train.device)
     dmp, optimizer, _ = build(cfg, env, resolve_columns(cfg))
     checkpoint.load(path, dmp)
-    return cfg, env, dmp, TrainPipeline(dmp, optimizer, env.device)
+    return cfg, env, dmp, make_pipeline(cfg.train.pipeline, dmp, optimizer, env.device)
 
 
 def evaluate_checkpoint(path: str | Path, split: str, overrides: list[str]) -> dict[str, float]:

@@ -53,7 +53,7 @@ def machine() -> dict[str, str]:
 
 
 def make_parquet(out: Path, rows: int, workers: int):
-    from app.synthetic import SyntheticSpec, generate
+    from app.sources.synthetic import SyntheticSpec, generate
 
     spec = SyntheticSpec(rows={"train": rows, "test": 1000}, cardinalities=CRITEO_CARDINALITIES,
                          row_group_size=ROW_GROUP, files_per_split=max(2, workers), auc_rows=100_000)
@@ -92,7 +92,9 @@ def best(fn, *args, repeat: int = 3) -> dict:
 def _reader_pass(root: Path, workers: int, slots: bool = False) -> tuple[int, float, float]:
     """The training path: one shuffled epoch of rank 0 of 1, to ready batches. `slots`: the
     workers pack into `ChunkSlots` (the hand-over a GPU run uses, page-locked there)."""
-    from app.data import Columns, ParquetBatches, Schema, iter_batches
+    from app.data.loader import iter_batches
+    from app.data.reader import ParquetBatches
+    from app.data.schema import Columns, Schema
 
     schema = Schema.load(root)
     columns = Columns.resolve(schema, schema.labels, [], [], "bench")
@@ -104,7 +106,7 @@ def _reader_pass(root: Path, workers: int, slots: bool = False) -> tuple[int, fl
 
 
 def _unpinned_slots(ds, workers: int):
-    from app.data import SLOTS_PER_WORKER, ChunkSlots
+    from app.data.loader import ChunkSlots, SLOTS_PER_WORKER
 
     return ChunkSlots(workers, SLOTS_PER_WORKER, ds.chunk_bytes(), pin=False)
 
@@ -220,7 +222,7 @@ class PeakMemory(threading.Thread):
 
 
 def convert_bench(tmp: Path, megabytes: int, workers: int) -> dict:
-    from app.synthetic import SyntheticSpec, generate_tsv
+    from app.sources.synthetic import SyntheticSpec, generate_tsv
 
     rows = int(megabytes * 1e6 / 250)  # about 250 bytes a line with two labels
     spec = SyntheticSpec(rows={"train": rows, "test": max(rows // 40, 1000)},

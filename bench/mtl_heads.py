@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from app.config import load_config  # noqa: E402
-from app.data import Columns, Schema  # noqa: E402
+from app.data.schema import Columns, Schema  # noqa: E402
 from app.heads import HEADS  # noqa: E402
-from app.mmoe_paper import PaperSpec, generate  # noqa: E402
+from app.sources.mmoe_paper import PaperSpec, generate  # noqa: E402
 
 CONFIG = "configs/synthetic_paper.toml"
 # per head, on top of the config: shared_bottom's one layer is about as large as 8 experts of 16

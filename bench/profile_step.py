@@ -1,6 +1,6 @@
 """Where the trainer's step time goes, for the Criteo-shape model of `bench/train.py`.
 
-Builds the model, optimizers and `TrainPipeline` exactly as `app.train` does, then
+Builds the model, optimizers and pipeline exactly as `app.train` does, then
 times steady-state steps under several feeds and profiles a few steps with torch.profiler:
 
   parquet   the real reader (`ParquetBatches` + `iter_batches`, pinned, N workers)
@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "train.py")
@@ -40,10 +39,13 @@ bench = sys.modules["bench_train"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 from app.config import TrainConfig  # noqa: E402
-from app.data import iter_batches  # noqa: E402
+from app.data.loader import iter_batches  # noqa: E402
+from app.distributed import init_distributed  # noqa: E402
+from app.feed import split_data  # noqa: E402
 from app.metrics import TrainMetrics  # noqa: E402
-from app.pipeline import TrainPipeline  # noqa: E402
-from app.train import build, collecting_every, init_distributed, resolve_columns, split_data  # noqa: E402
+from app.pipeline import make_pipeline  # noqa: E402
+from app.sharded import build, resolve_columns  # noqa: E402
+from app.train import collecting_every  # noqa: E402
 
 
 def gpu_busy_seconds(events: list[dict]) -> float:
@@ -106,8 +108,6 @@ def main() -> None:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--trace")
     p.add_argument("--steps", type=int, default=150, help="timed steps per feed")
-    p.add_argument("--torchrec-pipeline", action="store_true",
-                   help="TorchRec's TrainPipelineSparseDist (splits exchanged through the GPU), for comparison")
     p.add_argument("--gc-every", type=int, default=TrainConfig.gc_every, help="as train.gc_every")
     p.add_argument("--python", type=int, default=0, metavar="N",
                    help="also profile N steps with cProfile (the host's Python, by function)")
@@ -129,8 +129,7 @@ def main() -> None:
     say(f"{env.world_size} rank(s), {precision}, batch {args.batch_size}, {args.num_workers} workers; plan:")
     say("\n".join(sorted({f"  {p.sharding_type}/{p.compute_kernel}" for m in plan.plan.values()
                           for p in m.values()})))
-    pipeline = (TrainPipelineSparseDist if own.torchrec_pipeline else TrainPipeline)(
-        dmp, optimizer, env.device, execute_all_batches=True)
+    pipeline = make_pipeline(cfg.train.pipeline, dmp, optimizer, env.device)  # -- --train.pipeline torchrec
     metrics = TrainMetrics(list(cfg.tasks), env.device)
     data = split_data(cfg, env, columns, cfg.data.train_split, train=True)
     parquet = (b for _ in itertools.count() for b in iter_batches(data, args.num_workers, cuda))

@@ -69,9 +69,14 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
 from app.config import Config, load_config  # noqa: E402
-from app.data import Batch, Columns, Schema, iter_batches  # noqa: E402
+from app.data.batch import Batch  # noqa: E402
+from app.data.loader import iter_batches  # noqa: E402
+from app.data.schema import Columns, Schema  # noqa: E402
 from app.model import MultiTaskModel, MultiTaskTrain  # noqa: E402
-from app.train import DENSE_OPTIMIZERS, Env, build, init_distributed, resolve_columns, split_data  # noqa: E402
+from app.distributed import Env, init_distributed  # noqa: E402
+from app.feed import split_data  # noqa: E402
+from app.optimizers import DENSE_OPTIMIZERS  # noqa: E402
+from app.sharded import build, resolve_columns  # noqa: E402
 from app.train import train as run_trainer  # noqa: E402
 
 CONFIG = ROOT / "configs" / "criteo_mmoe.toml"

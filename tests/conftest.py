@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from app.synthetic import SyntheticSpec, generate
+from app.sources.synthetic import SyntheticSpec, generate
 
 
 def free_port() -> int:

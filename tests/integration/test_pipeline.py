@@ -1,7 +1,8 @@
-"""The trainer's pipeline (splits exchanged on the host, the ids' reordering kept) trains exactly
-as TorchRec's `TrainPipelineSparseDist` (splits through the process group, the reordering made
-every step), on 2 gloo ranks whose multi-hot batches carry different numbers of ids, with equal
-and with unequal batch sizes."""
+"""The trainer's pipeline (splits exchanged on the host, the ids' reordering kept; on one rank no
+exchange at all) trains exactly as TorchRec's `TrainPipelineSparseDist` (splits through the
+process group, the reordering made every step), on 1 and 2 gloo ranks whose multi-hot batches
+carry different numbers of ids, with equal and with unequal batch sizes; and it leaves
+TorchRec's module functions as they were."""
 from __future__ import annotations
 
 import os
@@ -19,9 +20,13 @@ from conftest import free_port  # noqa: E402
 
 from app import pipeline as host_pipeline  # noqa: E402
 from app.config import load_config  # noqa: E402
-from app.data import Columns, ParquetBatches, Schema, iter_batches  # noqa: E402
-from app.synthetic import SyntheticSpec, generate  # noqa: E402
-from app.train import Env, build, run_pipeline  # noqa: E402
+from app.data.loader import iter_batches  # noqa: E402
+from app.data.reader import ParquetBatches  # noqa: E402
+from app.data.schema import Columns, Schema  # noqa: E402
+from app.sources.synthetic import SyntheticSpec, generate  # noqa: E402
+from app.distributed import Env  # noqa: E402
+from app.evaluate import run_pipeline  # noqa: E402
+from app.sharded import build  # noqa: E402
 
 STEPS = 6
 
@@ -62,16 +67,18 @@ def worker(rank: int, world: int, port: int, data: str, sharding: str, result: d
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     dist.init_process_group("gloo")
+    recat = dist_data._get_recat
     cfg = load_config("configs/debug.toml", ["--data.path", data, "--plan.sharding_types", f"['{sharding}']"])
     columns = Columns.resolve(Schema.load(data), list(cfg.tasks), [], [], "test")
     env = Env(rank, world, rank, world, torch.device("cpu"))
     for batch_size in (64, 64 - 16 * rank):  # the same batch size on both ranks, then not
-        dist_data._get_recat = host_pipeline._torchrec_recat  # the trainer's pipeline replaces it
         theirs, none = _train(TrainPipelineSparseDist, cfg, env, columns, data, batch_size)
-        ours, exchanges = _train(host_pipeline.TrainPipeline, cfg, env, columns, data, batch_size)
+        ours, exchanges = _train(host_pipeline.HostSplitsPipeline, cfg, env, columns, data, batch_size)
         assert none == 0 and len(ours) == len(theirs) == STEPS
-        # every batch after the first (which TorchRec distributes while setting up) goes through it
-        assert exchanges == STEPS - 1, exchanges
+        # every batch after the first (which TorchRec distributes while setting up) goes through
+        # it; one rank exchanges nothing
+        assert exchanges == (STEPS - 1 if world > 1 else 0), exchanges
+        assert dist_data._get_recat is recat  # patched only while TorchRec makes a reordering
         for step, (a, b) in enumerate(zip(ours, theirs)):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"rank {rank} step {step} batch {batch_size}")
     result[rank] = True
@@ -83,12 +90,12 @@ def test_kept_recat_is_torchrecs_made_once():
     for args in [(2, 4, 1, None, None), (3, 2, 1, None, [64, 64]), (3, 2, 1, None, [64, 48]),
                  (2, 4, 2, None, [8, 8, 6, 8]), (0, 2, 1, None, None)]:
         want = host_pipeline._torchrec_recat(*args)
-        got = host_pipeline._kept_recat(*args)
+        got = host_pipeline.kept_recat(*args)
         if want is None:
             assert got is None
             continue
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-        assert host_pipeline._kept_recat(*args) is got  # made once
+        assert host_pipeline.kept_recat(*args) is got  # made once
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +106,33 @@ def multi_hot_data(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
-def test_host_splits_train_as_torchrec_does(multi_hot_data, sharding):
+@pytest.mark.parametrize("world,sharding", [(2, "table_wise"), (2, "column_wise"), (1, "table_wise")])
+def test_host_splits_train_as_torchrec_does(multi_hot_data, world, sharding):
     manager = mp.Manager()
     result = manager.dict()
-    mp.start_processes(worker, args=(2, free_port(), str(multi_hot_data), sharding, result), nprocs=2,
+    mp.start_processes(worker, args=(world, free_port(), str(multi_hot_data), sharding, result), nprocs=world,
                        join=True, start_method="spawn")
-    assert dict(result) == {0: True, 1: True}
+    assert dict(result) == {r: True for r in range(world)}
+
+
+def test_make_pipeline_falls_back_to_torchrecs_on_other_releases(monkeypatch, caplog):
+    import torchrec
+
+    from app.pipeline import make_pipeline
+
+    class Model(torch.nn.Module):
+        def forward(self, batch):
+            return batch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model, opt = Model(), torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        cpu = torch.device("cpu")
+        assert type(make_pipeline("host", model, opt, cpu)) is host_pipeline.HostSplitsPipeline
+        assert type(make_pipeline("torchrec", model, opt, cpu)) is TrainPipelineSparseDist
+        monkeypatch.setattr(torchrec, "__version__", "9.0.0")
+        assert type(make_pipeline("host", model, opt, cpu)) is TrainPipelineSparseDist
+        assert "this is 9.0.0, so TorchRec's own pipeline runs instead" in caplog.text
+    finally:
+        dist.destroy_process_group()

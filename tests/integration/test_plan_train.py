@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app import plan as planning
+from app import dry_run as dry, plan as planning, plan_file
 from app.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,8 +21,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 def _rank_main(seen_path: str, args: list[str]) -> None:
     from app.cli import main
     from app.config import load_config
-    from app.data import Columns, Schema
-    from app.train import build, init_distributed
+    from app.data.schema import Columns, Schema
+    from app.distributed import init_distributed
+    from app.sharded import build
 
     assert args[0] == "--config", args  # then the config file, then overrides: `mmoe train` arguments
     cfg = load_config(args[1], args[2:])
@@ -51,10 +52,10 @@ def test_two_ranks_shard_exactly_as_the_plan_file_says(tiny_data, tmp_path):
     # what `mmoe plan --world-size 2 --compute-device cpu --out plan.json` does
     cfg = load_config("configs/debug.toml", ["--data.path", str(tiny_data),
                                              "--plan.tables.c2.sharding_types", "['data_parallel']"])
-    schema, where = planning.planning_schema(cfg.data.path, [t.label for t in cfg.tasks.values()])
-    made = planning.dry_run_config(cfg, schema, where, planning.make_topology(2, "cpu", 2), 256)
+    schema, where = dry.planning_schema(cfg.data.path, [t.label for t in cfg.tasks.values()])
+    made = dry.dry_run_config(cfg, schema, where, planning.make_topology(2, "cpu", 2), 256)
     reviewed = tmp_path / "plan.json"
-    planning.save_plan(made.plan, reviewed)
+    plan_file.save_plan(made.plan, reviewed)
 
     # the reviewer puts t_c0 whole on rank 1 and splits t_c1 by columns across both ranks
     doc = json.loads(reviewed.read_text())

@@ -14,9 +14,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from conftest import free_port  # noqa: E402
 
 from app.config import load_config  # noqa: E402
-from app.data import Columns, ParquetBatches, Schema, iter_batches  # noqa: E402
+from app.data.loader import iter_batches  # noqa: E402
+from app.data.reader import ParquetBatches  # noqa: E402
+from app.data.schema import Columns, Schema  # noqa: E402
 from app.model import MultiTaskModel, MultiTaskTrain  # noqa: E402
-from app.train import Env, GradientMeans, broadcast_from_first, build  # noqa: E402
+from app.distributed import Env  # noqa: E402
+from app.optimizers import broadcast_from_first, GradientMeans  # noqa: E402
+from app.sharded import build  # noqa: E402
 from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
 
 LR = 0.1

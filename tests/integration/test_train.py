@@ -18,59 +18,51 @@ def test_tiny_run_learns(tiny_data, tmp_path):
         assert metrics["auc"] <= best[task] + 0.02
 
 
-RECORD_ROWS = """
-import json, sys
-import app.train as T
-from app.config import load_config
-
-seen, started, run_pipeline, iter_batches = [], [], T.run_pipeline, T.iter_batches
-
-
-def recording(pipeline, batches):
-    for out in run_pipeline(pipeline, batches):
-        seen.append(out.row_ids.tolist())
-        yield out
-
-
-def starting(*args):
-    started.append(len(seen))  # batches trained when a reader starts
-    return iter_batches(*args)
-
-
-T.run_pipeline, T.iter_batches = recording, starting
-T.train(load_config("configs/debug.toml", sys.argv[2:]))
-json.dump({"seen": seen, "started": started}, open(sys.argv[1], "w"))
-"""
-
-
-def test_each_epoch_trains_on_its_own_rows_in_order_when_read_ahead(tiny_data, tmp_path):
-    """The next epoch's reader workers start before the current epoch ends: training still
-    sees every epoch's batches exactly as that epoch's reader alone yields them."""
+def test_each_epoch_feeds_its_own_rows_in_order_when_read_ahead(tiny_data):
+    """The next epoch's reader workers start before the current epoch ends: the feed still hands
+    out every epoch's batches exactly as that epoch's reader alone yields them, in segments
+    that end at the trainer's boundaries and at epoch ends, and ends at the last epoch."""
     from app.config import load_config
-    from app.data import Position, iter_batches
-    from app.train import Env, resolve_columns, split_data
+    from app.data.loader import iter_batches
+    from app.data.order import Position
+    from app.distributed import Env
+    from app.feed import EpochFeed, split_data
+    from app.sharded import resolve_columns
+    from app.train import next_boundary
 
-    args = ["--data.path", str(tiny_data), "--train.run_dir", str(tmp_path / "run"), "--train.epochs", "3",
-            "--data.num_workers", "2", "--train.eval_every", "0", "--train.tensorboard", "false"]
-    subprocess.run([sys.executable, "-c", RECORD_ROWS, str(tmp_path / "rows.json"), *args], check=True,
-                   capture_output=True)
-    cfg = load_config("configs/debug.toml", args)
-    data = split_data(cfg, Env(0, 1, 0, 1, None), resolve_columns(cfg), cfg.data.train_split, train=True)
+    cfg = load_config("configs/debug.toml", ["--data.path", str(tiny_data)])
+    env = Env(0, 1, 0, 1, torch.device("cpu"))
+    data = split_data(cfg, env, resolve_columns(cfg), cfg.data.train_split, train=True)
     want = []
     for epoch in range(3):
         data.set_position(Position(epoch))
-        want += [b.row_ids.tolist() for b in iter_batches(data, 0, pin_memory=False)]
-    record = json.loads((tmp_path / "rows.json").read_text())
-    assert len(want) == 3 * len(data) and record["seen"][:len(want)] == want
-    # readers of epochs 1 and 2 (and the evaluation's, last) started before their epoch did
-    started = record["started"]
-    assert len(started) == 4 and started[1] < len(data) and started[2] < 2 * len(data), started
+        want.append([b.row_ids.tolist() for b in iter_batches(data, 0, pin_memory=False)])
+    feed = EpochFeed(split_data(cfg, env, resolve_columns(cfg), cfg.data.train_split, train=True), Position(),
+                     step=0, epochs=3, max_steps=0, num_workers=2, pin_memory=False)
+    assert feed.total == 3 * len(data)
+    seen, ahead, step, segments = [[], [], []], [None] * 3, 0, 0
+    while step < feed.total:
+        epoch = feed.position.epoch
+        segment = feed.segment(next_boundary(step, feed.total, 7) - step)
+        for batch in segment:
+            seen[epoch].append(batch.row_ids.tolist())
+            step += 1
+            if feed.reading_ahead and ahead[epoch] is None:
+                ahead[epoch] = len(seen[epoch])
+        feed.done(segment)
+        segments += 1
+    assert seen == want
+    assert feed.position == Position(3)
+    assert segments > 3 * len(data) // 7  # segments end at the boundaries and at epoch ends
+    # the next epoch's readers started inside epochs 0 and 1; none after the last
+    assert ahead[0] <= len(data) and ahead[1] <= len(data) and ahead[2] is None, ahead
 
 
 def test_training_collects_garbage_every_n_steps_and_scoring_as_usual():
     import gc
 
-    from app.train import collecting_every, scoring
+    from app.evaluate import scoring
+    from app.train import collecting_every
 
     collections = []
 

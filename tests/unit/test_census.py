@@ -3,8 +3,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from app import census
-from app.data import Schema
+from app.sources import census
+from app.data.schema import Schema
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from app.checks import DataError, bad_rows, check_statistics
-from app.data import Columns, ParquetBatches, Schema, iter_batches
+from app.data.checks import bad_rows, check_statistics
+from app.data.errors import DataError
+from app.data.loader import iter_batches
+from app.data.reader import ParquetBatches
+from app.data.schema import Columns, Schema
 
 SCHEMA = Schema(labels=["y"], dense=["x"], categorical={"c": 10})
 

@@ -5,10 +5,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from app.checks import DataError
+from app.data.errors import DataError
 from app.cli import main
-from app.criteo import Options, convert, label_names, parse_hex, pieces
-from app.data import Columns, ParquetBatches, Schema, iter_batches
+from app.sources.criteo import Options, convert, label_names, parse_hex, pieces
+from app.data.loader import iter_batches
+from app.data.reader import ParquetBatches
+from app.data.schema import Columns, Schema
 
 # label, d0, d1, c0, c1, c2; empty fields are missing
 SMALL = "1\t0\t5\t0000000a\tff\t\n" \

@@ -9,9 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from app.data import (ChunkSlots, Columns, ParquetBatches, Position, RowGroup, Schema, arrow_to_batch, batch_sizes,
-                      consume, epoch_order, iter_batches, rank_share, row_permutation, span_rows,
-                      take_spans)
+from app.data.batch import arrow_to_batch
+from app.data.loader import ChunkSlots, iter_batches
+from app.data.order import (Position, RowGroup, batch_sizes, consume, epoch_order, rank_share, row_permutation,
+                            span_rows, take_spans)
+from app.data.reader import ParquetBatches
+from app.data.schema import Columns, Schema
 
 
 def uneven_dataset(root):

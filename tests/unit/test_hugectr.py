@@ -9,9 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from app.checks import DataError
-from app.data import Columns, ParquetBatches, Schema, iter_batches, load_schema
-from app.hugectr import NormLayout, add_data_command, convert_norm, read_file_list, slot_offsets
+from app.data.errors import DataError
+from app.data.layout import load_schema
+from app.data.loader import iter_batches
+from app.data.reader import ParquetBatches
+from app.data.schema import Columns, Schema
+from app.data.hugectr import read_file_list, slot_offsets
+from app.sources.hugectr_norm import add_data_command, convert_norm, NormLayout
 
 SIZES = [5, 7]  # slot sizes of the Parquet data set: a (single-hot), b (multi-hot)
 

@@ -3,7 +3,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from app.config import ModelConfig
 from app.heads import MMoE
-from app.metrics import RunLog, TrainMetrics
+from app.metrics import TrainMetrics
+from app.progress import RunLog
 from app.model import _gate_stats
 
 

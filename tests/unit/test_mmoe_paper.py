@@ -2,8 +2,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from app.data import Schema
-from app.mmoe_paper import PaperSpec, _truth, draw, generate
+from app.data.schema import Schema
+from app.sources.mmoe_paper import PaperSpec, _truth, draw, generate
 
 
 @pytest.mark.parametrize("p", [1.0, 0.5, 0.0, -0.3])

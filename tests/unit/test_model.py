@@ -5,7 +5,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from app.config import ConfigError, ModelConfig, TaskConfig, load_config
-from app.data import Columns, Schema, arrow_to_batch
+from app.data.batch import arrow_to_batch
+from app.data.schema import Columns, Schema
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from app.model import (DenseInput, LossBalancer, MultiTaskModel, MultiTaskTrain, SparseArch, apply_chains,

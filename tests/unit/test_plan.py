@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from app import plan as planning
+from app import dry_run as dry, plan as planning, plan_file
 from app.cli import main
 from app.config import ConfigError, load_config
-from app.data import Columns
+from app.data.schema import Columns
 from app.model import MultiTaskModel, MultiTaskTrain
-from app.plan import PlanError
+from app.plan_file import PlanError
 
 REPO = Path(__file__).resolve().parents[2]
 MIXED = ["--plan.tables.c0.sharding_types", "['table_wise']",
@@ -35,7 +35,7 @@ def meta_model(cfg, cardinalities=(50, 50, 50, 50)):
 def dry_run(overrides=(), world_size=4, device="cuda", cardinalities=(50, 50, 50, 50), **caps):
     cfg = load_config("configs/debug.toml", list(overrides))
     topology = planning.make_topology(world_size, device, min(world_size, 8), **caps)
-    return cfg, planning.dry_run(cfg.plan, meta_model(cfg, cardinalities), topology, 64)
+    return cfg, dry.dry_run(cfg.plan, meta_model(cfg, cardinalities), topology, 64)
 
 
 def test_plan_file_round_trips(tmp_path):
@@ -43,8 +43,8 @@ def test_plan_file_round_trips(tmp_path):
     types = {n: p.sharding_type for n, p in run.plan.plan["model.sparse.ebc"].items()}
     assert types == {"t_c0": "table_wise", "t_c1": "column_wise", "t_c2": "row_wise",
                      "t_c3": "data_parallel"}
-    planning.save_plan(run.plan, tmp_path / "plan.json")
-    loaded = planning.load_plan(tmp_path / "plan.json")
+    plan_file.save_plan(run.plan, tmp_path / "plan.json")
+    loaded = plan_file.load_plan(tmp_path / "plan.json")
     assert loaded == run.plan
     doc = json.loads((tmp_path / "plan.json").read_text())
     t_c2 = doc["modules"]["model.sparse.ebc"]["t_c2"]
@@ -53,7 +53,7 @@ def test_plan_file_round_trips(tmp_path):
     assert [s["rank"] for s in t_c2["shards"]] == t_c2["ranks"] == [0, 1, 2, 3]
     assert "shards" not in doc["modules"]["model.sparse.ebc"]["t_c3"]  # a replica on every rank
     # placements follow the launching run's ranks per host; the sharding stays the same
-    two_per_host = planning.load_plan(tmp_path / "plan.json", local_world_size=2)
+    two_per_host = plan_file.load_plan(tmp_path / "plan.json", local_world_size=2)
     shard = two_per_host.plan["model.sparse.ebc"]["t_c2"].sharding_spec.shards[3]
     assert str(shard.placement) == "rank:3/cuda:1"
 
@@ -62,7 +62,7 @@ def test_training_plan_applies_the_file_when_set(tmp_path):
     cpu_mix = ["--plan.tables.c1.sharding_types", "['column_wise']",
                "--plan.tables.c3.sharding_types", "['data_parallel']"]
     cfg, run = dry_run(cpu_mix, world_size=2, device="cpu")
-    planning.save_plan(run.plan, tmp_path / "plan.json")
+    plan_file.save_plan(run.plan, tmp_path / "plan.json")
     cfg.plan.file = str(tmp_path / "plan.json")
     model = meta_model(cfg)
     got = planning.training_plan(cfg.plan, model, ["t_c0", "t_c1", "t_c2", "t_c3"], 2, "cpu", 64, 2)
@@ -77,11 +77,11 @@ def test_training_plan_applies_the_file_when_set(tmp_path):
 ])
 def test_a_plan_that_does_not_fit_the_run_is_rejected(tmp_path, change, message):
     cfg, run = dry_run(world_size=2, device="cpu")
-    planning.save_plan(run.plan, tmp_path / "plan.json")
-    plan = planning.load_plan(tmp_path / "plan.json")
+    plan_file.save_plan(run.plan, tmp_path / "plan.json")
+    plan = plan_file.load_plan(tmp_path / "plan.json")
     model = meta_model(cfg, change.get("cardinalities", (50, 50, 50, 50)))
     with pytest.raises(PlanError, match=message) as e:
-        planning.check_plan(plan, model, change.get("world_size", 2), change.get("device", "cpu"),
+        plan_file.check_plan(plan, model, change.get("world_size", 2), change.get("device", "cpu"),
                             where="plan.json")
     assert "mmoe plan --world-size" in str(e.value)
 
@@ -95,11 +95,11 @@ def test_a_plan_that_does_not_fit_the_run_is_rejected(tmp_path, change, message)
 ])
 def test_a_damaged_plan_file_names_the_table(tmp_path, edit, message):
     _, run = dry_run(MIXED)
-    doc = planning.plan_to_dict(run.plan)
+    doc = plan_file.plan_to_dict(run.plan)
     edit(doc["modules"]["model.sparse.ebc"])
     (tmp_path / "plan.json").write_text(json.dumps(doc))
     with pytest.raises(PlanError, match=message):
-        planning.load_plan(tmp_path / "plan.json")
+        plan_file.load_plan(tmp_path / "plan.json")
 
 
 def test_table_constraints_override_the_global_lists():
@@ -150,7 +150,7 @@ def test_oversized_table_fails_with_its_size_then_fits_with_uvm_caching():
     (big,) = [o for o in run.options if o.name == "t_c3"]
     assert big.compute_kernel == "fused_uvm_caching"
     assert sum(s.storage.ddr for s in big.shards) > 4 * 2**30  # the table itself lives in host memory
-    text = planning.report(run)
+    text = dry.report(run)
     assert "fused_uvm_caching" in text and "DDR used" in text and "critical-path rank" in text
 
 
@@ -163,7 +163,7 @@ def test_tables_that_fit_alone_but_not_together_are_explained():
 
 def test_report_groups_ranks_and_names_the_critical_rank():
     _, run = dry_run(world_size=16)
-    text = planning.report(run)
+    text = dry.report(run)
     assert "4 tables on 16 ranks (cuda, 8 per host" in text
     assert "estimated embedding time per step" in text
     busiest = max(range(16), key=lambda r: sum(s.perf.total for o in run.options for s in o.shards
@@ -177,7 +177,7 @@ def test_cli_plan_writes_a_plan_training_can_load(tmp_path, capsys):
           "--out", str(out)])
     text = capsys.readouterr().out
     assert "26 tables on 2 ranks" in text and "t_c25" in text and f"--plan.file {out}" in text
-    plan = planning.load_plan(out)
+    plan = plan_file.load_plan(out)
     assert (plan.world_size, plan.compute_device) == (2, "cuda")
     assert plan.tables["model.sparse.ebc"]["t_c0"] == (1000, 128)
 
@@ -192,25 +192,25 @@ def test_cli_plan_exits_nonzero_naming_the_oversized_table(capsys):
 
 
 def test_planning_schema_sources(tmp_path):
-    schema, _ = planning.planning_schema("unused", ["click"], cardinality="1000")
+    schema, _ = dry.planning_schema("unused", ["click"], cardinality="1000")
     assert list(schema.categorical.values()) == [1000] * 26 and len(schema.dense) == 13
-    schema, _ = planning.planning_schema("unused", ["click"], cardinality="5,6,c1=7")
+    schema, _ = dry.planning_schema("unused", ["click"], cardinality="5,6,c1=7")
     assert schema.categorical == {"c0": 5, "c1": 7}
     with pytest.raises(ConfigError, match="no column 'c9'"):
-        planning.planning_schema("unused", ["click"], cardinality="5,6,c9=1")
+        dry.planning_schema("unused", ["click"], cardinality="5,6,c9=1")
     schema.save(tmp_path)  # a folder holding only schema.json stands in for the data
     for path in (tmp_path, tmp_path / "schema.json"):
-        assert planning.planning_schema(str(path), ["click"])[0].categorical == {"c0": 5, "c1": 7}
-    assert planning.planning_schema("nowhere", [], schema=str(tmp_path))[0].dense == schema.dense
+        assert dry.planning_schema(str(path), ["click"])[0].categorical == {"c0": 5, "c1": 7}
+    assert dry.planning_schema("nowhere", [], schema=str(tmp_path))[0].dense == schema.dense
 
 
 def test_sizes_and_ranges():
-    assert planning.parse_bytes("80GiB") == 80 * 2**30
-    assert planning.parse_bytes("1.5TB") == 1_500_000_000_000
-    assert planning.parse_bytes("4096") == 4096
+    assert dry.parse_bytes("80GiB") == 80 * 2**30
+    assert dry.parse_bytes("1.5TB") == 1_500_000_000_000
+    assert dry.parse_bytes("4096") == 4096
     with pytest.raises(ConfigError, match="not a size"):
-        planning.parse_bytes("80 gigs")
-    assert planning.rank_ranges([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8"
+        dry.parse_bytes("80 gigs")
+    assert dry.rank_ranges([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8"
 
 
 def test_make_plan_runs_the_plan_command():

@@ -9,7 +9,7 @@ import pytest
 
 from app import cli
 from app.report import ReportError, Run, gate_matrix, write_report
-from app.synthetic import SyntheticSpec, generate
+from app.sources.synthetic import SyntheticSpec, generate
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from app.cli import main
-from app.criteo import Options, convert
-from app.data import Schema
-from app.synthetic import SyntheticSpec, _Truth, generate, generate_tsv
+from app.sources.criteo import Options, convert
+from app.data.schema import Schema
+from app.sources.synthetic import SyntheticSpec, _Truth, generate, generate_tsv
 
 SMALL = dict(rows={"train": 3000, "test": 1000}, num_dense=3, cardinalities=[40, 300, 7])
 

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from app.data import Schema
+from app.data.schema import Schema
 
 LABELS = ["y1", "y2"]
 BUCKETED = [0, 1]  # dense columns also given as bucket ids

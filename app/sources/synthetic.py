@@ -19,17 +19,14 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from app.checks import DataError
-
-if TYPE_CHECKING:  # app.data imports torch; the pool's workers do not need it
-    from app.data import Schema
+from app.data.errors import DataError
+from app.data.schema import Schema
 
 EFFECTS_PER_COLUMN = 1 << 17  # the hidden effect of id i is effect[i % this]: bounded memory
 CHUNK_ROWS = 1 << 16  # rows drawn at once inside a file (a multiple of the row group size)
@@ -242,8 +239,6 @@ def _write_all(out: Path, spec: SyntheticSpec, fmt: str, workers: int, gzip: boo
 
 def generate(out: str | Path, spec: SyntheticSpec, workers: int = 1) -> Schema:
     """Writes Parquet splits and `schema.json` into `out`; the same output for any `workers`."""
-    from app.data import Schema
-
     out = Path(out)
     meta = _write_all(out, spec, "parquet", workers)
     cat_names = [f"c{i}" for i in range(len(spec.cardinalities))]

@@ -1,8 +1,8 @@
 """Input checks: what the reader rejects (or, with `on_bad_rows = "skip"`, zeroes and counts).
 
 Every message is one line that names the file, and the row group and column where they
-apply, and says what to fix. Three levels, cheapest first:
-- `check_schema_doc`: the structure of `schema.json`;
+apply, and says what to fix. Two levels, cheapest first (`schema.json` itself is checked
+where it is read, `app.data.schema`):
 - `check_file` and `check_statistics`: Parquet footers only (columns, types, and the min/max
   and null counts the writer stored per row group), so most bad files are named before the
   first step without decoding any data;
@@ -13,57 +13,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-if TYPE_CHECKING:
-    from app.data import Columns
+from app.data.errors import DataError, one_line
+from app.data.schema import Columns, is_list
 
 SKIP_HINT = 'fix the data, or set data.on_bad_rows = "skip" to give such rows weight 0'
-
-
-class DataError(ValueError):
-    """Bad input: the message names the file, row group and column."""
-
-
-def _is_list(tp: pa.DataType) -> bool:
-    return pa.types.is_list(tp) or pa.types.is_large_list(tp)
-
-
-# ---------------------------------------------------------------------------------------
-# schema.json
-
-
-def check_schema_doc(raw, path: Path) -> None:
-    """The parsed `schema.json` has what `Schema.load` reads: label and dense name lists and
-    a positive integer cardinality per categorical column, each column in one role only."""
-    where = f"{path}: malformed schema"
-    if not isinstance(raw, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-    for key in ("labels", "dense"):
-        names = raw.get(key)
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise DataError(f"{where}: {key!r} must be a list of column names, got {names!r}")
-    cats = raw.get("categorical")
-    if not isinstance(cats, dict):
-        raise DataError(f"{where}: 'categorical' must map column names to "
-                        f"{{\"cardinality\": N}}, got {cats!r}")
-    for name, spec in cats.items():
-        card = spec.get("cardinality") if isinstance(spec, dict) else None
-        if isinstance(card, bool) or not isinstance(card, int) or card < 1:
-            raise DataError(f"{where}: categorical column {name!r} needs a positive integer "
-                            f"cardinality, got {spec!r}")
-    if not isinstance(raw.get("meta", {}), dict):
-        raise DataError(f"{where}: 'meta' must be an object, got {raw['meta']!r}")
-    seen: set[str] = set()
-    for name in [*raw["labels"], *raw["dense"], *cats]:
-        if name in seen:
-            raise DataError(f"{where}: column {name!r} is listed twice; give each column one role")
-        seen.add(name)
 
 
 # ---------------------------------------------------------------------------------------
@@ -74,20 +33,20 @@ def type_ok(column: str, tp: pa.DataType, columns: Columns) -> bool:
     """Labels and dense: integer or floating point; categorical: integer ids or strings
     (hashed by the reader), or lists of either (multi-hot)."""
     if column in columns.categorical:
-        if _is_list(tp):
+        if is_list(tp):
             tp = tp.value_type
         return pa.types.is_integer(tp) or pa.types.is_string(tp)
     return pa.types.is_integer(tp) or pa.types.is_floating(tp)
 
 
-def check_file(path: Path, columns: "Columns", reference: tuple[Path, pa.Schema] | None):
+def check_file(path: Path, columns: Columns, reference: tuple[Path, pa.Schema] | None):
     """Footer of one file: readable, not empty, has the columns with usable types that agree
     with the first file's (`reference`). Extra columns are ignored. Returns its FileMetaData."""
     try:
         meta = pq.ParquetFile(path).metadata
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file, truncated or of another format "
-                        f"({_one_line(e)}); rewrite it with the converter") from e
+                        f"({one_line(e)}); rewrite it with the converter") from e
     if meta.num_rows == 0:
         raise DataError(f"{path}: file has no rows; remove it or rewrite it with the converter")
     schema = meta.schema.to_arrow_schema()
@@ -109,12 +68,12 @@ def check_file(path: Path, columns: "Columns", reference: tuple[Path, pa.Schema]
     return meta
 
 
-def _stat_problem(name: str, stats, tp: pa.DataType, columns: "Columns",
+def _stat_problem(name: str, stats, tp: pa.DataType, columns: Columns,
                   kinds: dict[str, str]) -> str | None:
     """What a column chunk's footer statistics prove wrong, or None."""
     if stats is None:
         return None
-    nulls = stats.null_count if stats.has_null_count and not _is_list(tp) else 0
+    nulls = stats.null_count if stats.has_null_count and not is_list(tp) else 0
     lo, hi = (stats.min, stats.max) if stats.has_min_max else (None, None)
     if isinstance(lo, (bytes, str)):  # string categoricals are hashed; nothing to bound
         return None
@@ -139,13 +98,13 @@ def _stat_problem(name: str, stats, tp: pa.DataType, columns: "Columns",
     return None
 
 
-def _offset(columns: "Columns", i: int) -> int:
+def _offset(columns: Columns, i: int) -> int:
     """HugeCTR data sets store id + a per-column slot offset (`Columns.offsets`, () for none)."""
     offsets = getattr(columns, "offsets", ())
     return offsets[i] if offsets else 0
 
 
-def check_statistics(path: Path, meta: pq.FileMetaData, columns: "Columns",
+def check_statistics(path: Path, meta: pq.FileMetaData, columns: Columns,
                      label_kinds: tuple[str, ...]) -> None:
     """Footer min/max and null counts of every row group against the schema: ids within
     [0, cardinality), binary labels within [0, 1], no nulls, no inf. NaN is not recorded in
@@ -187,7 +146,7 @@ def _not_finite(x: np.ndarray) -> np.ndarray | None:
     return None if finite.all() else ~finite
 
 
-def bad_rows(table: pa.Table, columns: "Columns", label_kinds: tuple[str, ...]) -> dict[str, np.ndarray]:
+def bad_rows(table: pa.Table, columns: Columns, label_kinds: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Masks of rows whose values the model cannot take, for the columns that have any:
     NaN/inf/null dense or label values, binary labels other than 0/1, null ids, and ids
     outside [0, cardinality). An empty dict means every row is good."""
@@ -212,7 +171,7 @@ def bad_rows(table: pa.Table, columns: "Columns", label_kinds: tuple[str, ...]) 
 
 def _bad_ids(arr: pa.Array, card: int) -> np.ndarray | None:
     n = len(arr)
-    if _is_list(arr.type):
+    if is_list(arr.type):
         flat = pc.list_flatten(arr)  # null lists count as empty; null ids inside a list are bad
         if pa.types.is_string(flat.type):
             if not flat.null_count:
@@ -249,7 +208,7 @@ def _null_mask(arr: pa.Array) -> np.ndarray:
     return np.asarray(arr.is_null().to_numpy(zero_copy_only=False), bool)
 
 
-def describe(table: pa.Table, name: str, mask: np.ndarray, columns: "Columns") -> str:
+def describe(table: pa.Table, name: str, mask: np.ndarray, columns: Columns) -> str:
     """`N bad values, first at row R (value V)`, for a message."""
     row = int(np.flatnonzero(mask)[0])
     value = table.column(name)[row].as_py()
@@ -265,7 +224,7 @@ def describe(table: pa.Table, name: str, mask: np.ndarray, columns: "Columns") -
     return f"{int(mask.sum())} rows with {what}, first at row {row} ({value!r})"
 
 
-def check_rows(table: pa.Table, columns: "Columns", label_kinds: tuple[str, ...], where: str,
+def check_rows(table: pa.Table, columns: Columns, label_kinds: tuple[str, ...], where: str,
                skip: bool) -> np.ndarray | None:
     """Mask of the bad rows of one decoded row group, or None when all are good. Unless
     `skip`, the first bad column raises a DataError prefixed by `where` (file, row group)."""
@@ -282,14 +241,14 @@ def check_rows(table: pa.Table, columns: "Columns", label_kinds: tuple[str, ...]
     return bad
 
 
-def clean_rows(table: pa.Table, columns: "Columns", bad: np.ndarray) -> pa.Table:
+def clean_rows(table: pa.Table, columns: Columns, bad: np.ndarray) -> pa.Table:
     """Replaces every value of skipped rows by 0 (they then carry weight 0)."""
     keep = pa.array(~bad)
     out = table
     for name in columns.all:
         i = out.schema.get_field_index(name)
         col = out.column(i)
-        if _is_list(col.type):
+        if is_list(col.type):
             empty = pa.array([[]] * len(col), type=col.type)
             out = out.set_column(i, name, pc.if_else(keep, col, empty))
         else:
@@ -297,7 +256,3 @@ def clean_rows(table: pa.Table, columns: "Columns", bad: np.ndarray) -> pa.Table
                 else pa.scalar("", type=col.type)
             out = out.set_column(i, name, pc.if_else(keep, pc.fill_null(col, zero), zero))
     return out
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())

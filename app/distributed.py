@@ -1,0 +1,76 @@
+"""The process group: torchrun's, or a one-process group of its own when run alone; and the
+stop signal every rank agrees on."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
+
+
+@dataclass
+class Env:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str) -> Env:
+    """Joins torchrun's process group, or makes a one-process group when run alone."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None,
+                                store=_attempt_store(world), rank=rank, world_size=world)
+    return Env(rank, world, local_rank, local_world, dev)
+
+
+def _attempt_store(world: int) -> dist.Store | None:
+    """Under torchrun the agent's store outlives a restart of the workers, and the process
+    group writes the same keys in every attempt: a restarted rank could read a dead rank's
+    address and fail or hang connecting. Each attempt gets keys of its own."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # env:// makes a fresh store
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=default_pg_timeout)
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+class StopSignal:
+    """SIGTERM/SIGUSR1 (preemption, Slurm's warning) ask for a checkpoint and a clean exit."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def agreed(self, env: Env) -> bool:
+        """True on every rank once any rank got the signal (a collective)."""
+        flag = torch.tensor([float(self.raised)], device=env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
