@@ -1,4 +1,5 @@
 # make train [GPUS=N] [CONFIG=configs/x.toml] [ARGS="--train.epochs 1"] | make test | make data
+# make venv [VARIANT=cpu|cu126|cu128|cu130]: what make train and make test install first (README)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -11,19 +12,74 @@ ARGS ?=
 TORCH_VERSION := 2.13.0
 TORCHREC_VERSION := 1.8.0
 FBGEMM_VERSION := 1.8.0
-# A machine with an NVIDIA driver gets the CUDA fbgemm-gpu; others the CPU build.
-FBGEMM := $(if $(shell command -v nvidia-smi),fbgemm-gpu,fbgemm-gpu-cpu)
+# make venv VARIANT=cpu|cu126|cu128|cu130: the build of torch and fbgemm-gpu, from PyTorch's index
+# for that variant (https://download.pytorch.org/whl/VARIANT), as PyTorch's install guide does.
+# Without VARIANT: the variant .venv was built for, else cpu. Another VARIANT rebuilds .venv.
+VARIANTS := cpu cu126 cu128 cu130
+BUILT_VARIANT := $(shell cat $(VENV)/variant 2>/dev/null)
+VARIANT ?= $(or $(BUILT_VARIANT),cpu)
+ifeq ($(filter $(VARIANT),$(VARIANTS)),)
+$(error VARIANT=$(VARIANT): expected one of $(VARIANTS))
+endif
+TORCH_INDEX := https://download.pytorch.org/whl/$(VARIANT)
+ifeq ($(VARIANT),cpu)
+# PyPI ships fbgemm-gpu's CPU build as fbgemm-gpu-cpu; torchrec's wheel requires the name
+# fbgemm-gpu, so `pip check` reports that one line on CPU (and nothing else, checked below).
+FROM_INDEX := torch==$(TORCH_VERSION)+cpu
+FROM_DEFAULT := fbgemm-gpu-cpu==$(FBGEMM_VERSION)
+PIP_CHECK_KNOWN := torchrec $(TORCHREC_VERSION) requires fbgemm-gpu, which is not installed.
+else
+FROM_INDEX := torch==$(TORCH_VERSION)+$(VARIANT) fbgemm-gpu==$(FBGEMM_VERSION)
+FROM_DEFAULT :=
+PIP_CHECK_KNOWN :=
+endif
+
+# After installing: torch is the variant's build, and a CUDA build can use the GPU when there
+# is one (nvidia-smi lists it and CUDA_VISIBLE_DEVICES does not hide it).
+define CHECK_VARIANT
+import os, shutil, subprocess, sys
+import torch, fbgemm_gpu, torchrec
+variant, cuda = sys.argv[1], torch.version.cuda
+fbgemm = getattr(fbgemm_gpu, "__variant__", "?")
+print(f"torch {torch.__version__} (CUDA {cuda}), fbgemm_gpu {fbgemm_gpu.__version__} ({fbgemm}), "
+      f"torchrec {torchrec.__version__}")
+want = None if variant == "cpu" else f"{variant[2:-1]}.{variant[-1]}"
+if cuda != want or fbgemm != ("cpu" if want is None else "cuda"):
+    sys.exit(f"error: VARIANT={variant} wants CUDA {want}; torch has CUDA {cuda}, fbgemm_gpu is a {fbgemm} build")
+smi = shutil.which("nvidia-smi")
+gpus = subprocess.run([smi, "-L"], capture_output=True, text=True).stdout.count("GPU ") if smi else 0
+hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1")
+if gpus and not hidden and variant == "cpu":
+    print(f"warning: this machine has {gpus} NVIDIA GPU(s), and VARIANT=cpu installed torch without CUDA; "
+          "for the GPU: make venv VARIANT=cu130 (or cu128, cu126)")
+elif gpus and not hidden and not torch.cuda.is_available():
+    driver = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                            capture_output=True, text=True).stdout.split()
+    sys.exit(f"error: torch {torch.__version__} cannot use this machine's {gpus} GPU(s) "
+             f"(NVIDIA driver {driver[0] if driver else '?'}): the driver may be too old for CUDA {cuda}; "
+             "update it, or make venv with a VARIANT of an older CUDA")
+endef
+export CHECK_VARIANT
 
 .PHONY: venv data train test test-slow plan clean
 
-venv: $(VENV)/.installed
-$(VENV)/.installed: setup.cfg pyproject.toml
+# torch (and CUDA's fbgemm-gpu) come from the variant's index without dependencies, then the
+# default index resolves their dependencies and this package's. torchrec goes in with --no-deps:
+# its wheel requires the name fbgemm-gpu (which would pull PyPI's CUDA fbgemm-gpu into a CPU
+# install); its other requirements are pinned in setup.cfg (torchmetrics at its 1.0.3).
+venv: $(VENV)/.installed-$(VARIANT)
+$(VENV)/.installed-$(VARIANT): setup.cfg pyproject.toml Makefile
+	@if [[ -d $(VENV) && "$$(cat $(VENV)/variant 2>/dev/null)" != $(VARIANT) ]]; then \
+	  echo "$(VENV) is not a VARIANT=$(VARIANT) build: making it again"; rm -rf $(VENV); fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	echo $(VARIANT) > $(VENV)/variant
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(FBGEMM)==$(FBGEMM_VERSION)
+	$(PY) -m pip install -q --no-deps --index-url $(TORCH_INDEX) $(FROM_INDEX)
+	$(PY) -m pip install -q $(FROM_INDEX) $(FROM_DEFAULT) -e '.[test]'
 	$(PY) -m pip install -q --no-deps torchrec==$(TORCHREC_VERSION)
-	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -c "import torchrec, fbgemm_gpu"
+	@problems=$$($(PY) -m pip check 2>&1 | grep -vxF -e 'No broken requirements found.' -e '$(PIP_CHECK_KNOWN)'); \
+	  if [[ -n $$problems ]]; then echo "pip check:"; echo "$$problems"; exit 1; fi
+	$(PY) -c "$$CHECK_VARIANT" $(VARIANT)
 	touch $@
 
 data: $(SETUP)
