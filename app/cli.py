@@ -159,12 +159,13 @@ def main(argv: list[str] | None = None) -> None:
         lines = "\n".join(f"  {name:8s} {fn.__doc__.splitlines()[0]}" for name, fn in COMMANDS.items())
         print(f"usage: mmoe <command> [args]\n{lines}", file=sys.stderr)
         sys.exit(2)
+    from app.checkpoint import CheckpointError
     from app.config import ConfigError
     from app.data.errors import DataError
 
     try:
         COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     _leave_process_group()

@@ -33,6 +33,9 @@ class DataConfig:
     # (HugeCTR's slot_size_array); empty: max id + 1 found in the splits
     slot_size_array: list[int] = field(default_factory=list)
     keys_have_offsets: bool = False  # keys are id + sum of the earlier slots' sizes (HugeCTR's offsets)
+    # on_bad_rows = "skip": a run stops (after a checkpoint) once more than this share of the train
+    # rows read was skipped (a warning past 1%)
+    max_skipped_fraction: float = 0.05
 
 
 @dataclass
@@ -89,11 +92,18 @@ class TrainConfig:
     run_dir: str = ""  # empty: runs/<config name>
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
-    keep_checkpoints: int = 3  # newest complete checkpoints kept
+    keep_checkpoints: int = 3  # newest complete checkpoints kept (and the best one, see early_stop); 0: all
     resume: bool = True  # continue from RUN_DIR/checkpoints/latest when there is one
+    # start over in a run directory that holds checkpoints, deleting them (and its metrics and
+    # summary); without it, resume = false there is an error
+    overwrite: bool = False
     tensorboard: bool = True  # event files in RUN_DIR/tb (rank 0)
     gate_stats: bool = True  # per-task mean gate weight of each expert, and gate entropy
     gc_every: int = 100  # steps between Python garbage collections while training; 0: Python's own
+    # stop once this evaluation metric stops improving: "mean_auc" or "<task>/<auc|logloss|ne|rmse>";
+    # needs eval_every; the best evaluation's checkpoint is kept and is what predict/eval use
+    early_stop: str = ""
+    patience: int = 3  # evaluations without improvement before early_stop stops the run
     # "host" (TorchRec's pipeline with each batch's counts exchanged between the hosts, app/pipeline.py)
     # or "torchrec" (TorchRec's TrainPipelineSparseDist as it ships)
     pipeline: str = "host"
@@ -234,8 +244,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        with open(path, "rb") as f:
-            values = json.load(f) if path.suffix == ".json" else tomllib.load(f)
+        try:
+            with open(path, "rb") as f:
+                values = json.load(f) if path.suffix == ".json" else tomllib.load(f)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
         values.setdefault("name", path.stem)
     values = _merge(values, parse_overrides(overrides or []))
     cfg = _build(Config, values, "")
@@ -266,22 +279,83 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} is {value!r}; use one of {', '.join(allowed)}")
-    if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
-        raise ConfigError("data.batch_size and data.eval_batch_size must be at least 1")
+    for key, low, high, meaning in RANGES:
+        _check_range(key, _get(cfg, key), low, high, meaning)
+    for name, task in cfg.tasks.items():
+        _check_range(f"tasks.{name}.weight", task.weight, "[0", "", "a multiplier of its loss")
     m = cfg.model
-    for key in ("num_experts", "num_shared_experts", "num_task_experts", "num_levels"):
-        if getattr(m, key) < 1:
-            raise ConfigError(f"model.{key} is {getattr(m, key)}; it must be at least 1")
+    for key in ("expert_layers", "tower_layers"):
+        if any(n < 1 for n in getattr(m, key)):
+            raise ConfigError(f"model.{key} is {getattr(m, key)}; layer sizes must be at least 1")
     if not m.expert_layers:
         raise ConfigError("model.expert_layers is empty; give at least one layer size, e.g. [128]")
-    if m.gradnorm_alpha < 0:
-        raise ConfigError(f"model.gradnorm_alpha is {m.gradnorm_alpha}; use 0 or more (the paper uses 0.12 to 3)")
+    _validate_early_stop(cfg)
     if m.loss_balancing == "gradnorm" and len(cfg.tasks) < 2:
         raise ConfigError("model.loss_balancing 'gradnorm' balances several tasks; with one task use 'fixed'")
     if m.loss_balancing != "fixed" and any(t.weight <= 0 for t in cfg.tasks.values()):
         bad = next(n for n, t in cfg.tasks.items() if t.weight <= 0)
         raise ConfigError(f"tasks.{bad}.weight is {cfg.tasks[bad].weight}; model.loss_balancing "
                           f"{m.loss_balancing!r} needs positive task weights")
+
+
+# Every numeric field's range: (key, lowest, highest, what it means); "[" and "]" include the
+# bound, "(" and ")" leave it out, "" has none.
+RANGES = [
+    ("data.batch_size", "[1", "", "rows per rank a step"),
+    ("data.eval_batch_size", "[1", "", "rows per rank a scoring step"),
+    ("data.num_workers", "[0", "", "reader processes per rank; 0 reads in the training process"),
+    ("data.max_skipped_fraction", "[0", "1]", "a share of the train rows"),
+    ("model.embedding_dim", "[1", "", "the width of every table"),
+    ("model.num_experts", "[1", "", "experts"),
+    ("model.num_shared_experts", "[1", "", "experts"),
+    ("model.num_task_experts", "[1", "", "experts"),
+    ("model.num_levels", "[1", "", "extraction levels"),
+    ("model.dropout", "[0", "1)", "the share of units dropped"),
+    ("model.gradnorm_alpha", "[0", "", "0 or more; the paper uses 0.12 to 3"),
+    ("optim.dense_lr", "(0", "", "a learning rate"),
+    ("optim.sparse_lr", "(0", "", "a learning rate"),
+    ("optim.weight_decay", "[0", "", "0 for none"),
+    ("train.epochs", "[1", "", "passes over the train split"),
+    ("train.max_steps", "[0", "", "0 runs all epochs"),
+    ("train.eval_every", "[0", "", "steps; 0 evaluates at the end only"),
+    ("train.log_every", "[1", "", "steps"),
+    ("train.checkpoint_every", "[0", "", "steps; 0 saves at the end only"),
+    ("train.keep_checkpoints", "[0", "", "0 keeps all"),
+    ("train.gc_every", "[0", "", "steps; 0 leaves collection to Python"),
+    ("train.patience", "[1", "", "evaluations"),
+]
+
+
+def _get(cfg: Config, key: str) -> Any:
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _check_range(key: str, value: float, low: str, high: str, meaning: str) -> None:
+    below = low and (value < float(low[1:]) if low[0] == "[" else value <= float(low[1:]))
+    above = high and (value > float(high[:-1]) if high[-1] == "]" else value >= float(high[:-1]))
+    if below or above:
+        span = f"{low or '(-inf'}, {high or 'inf)'}"
+        raise ConfigError(f"{key} is {value}; it must lie in {span} ({meaning})")
+
+
+def _validate_early_stop(cfg: Config) -> None:
+    metric = cfg.train.early_stop
+    if not metric:
+        return
+    task, _, name = metric.rpartition("/")
+    kinds = {"auc": "binary", "logloss": "binary", "ne": "binary", "rmse": "regression"}
+    if metric == "mean_auc":
+        ok = any(t.type == "binary" for t in cfg.tasks.values())
+    else:
+        ok = task in cfg.tasks and kinds.get(name) == cfg.tasks[task].type
+    if not ok:
+        raise ConfigError(f"train.early_stop is {metric!r}; use mean_auc or <task>/auc, /logloss, /ne "
+                          f"(binary tasks) or /rmse (regression) of a task: {', '.join(cfg.tasks)}")
+    if not cfg.train.eval_every:
+        raise ConfigError("train.early_stop needs train.eval_every (steps between the evaluations it compares)")
 
 
 def _validate_chains(tasks: dict[str, TaskConfig]) -> None:

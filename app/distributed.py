@@ -2,14 +2,19 @@
 stop signal every rank agrees on."""
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import signal
 import socket
+import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
+
+from app.config import ConfigError
 
 
 @dataclass
@@ -19,6 +24,9 @@ class Env:
     local_rank: int
     local_world_size: int
     device: torch.device
+    # gloo ranks' own group, or a gloo group beside NCCL: what the hosts tell each other every
+    # step (counts, agreement on bad input) goes there, not through the GPU; None on one rank
+    host_group: dist.ProcessGroup | None = None
 
 
 def _free_port() -> int:
@@ -35,6 +43,8 @@ def init_distributed(device: str) -> Env:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if device != "cpu" and not torch.cuda.is_available():
+        _no_silent_cpu_run(device)
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         dev = torch.device("cuda", local_rank)
@@ -44,7 +54,36 @@ def init_distributed(device: str) -> Env:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None,
                                 store=_attempt_store(world), rank=rank, world_size=world)
-    return Env(rank, world, local_rank, local_world, dev)
+    host = None if world == 1 else dist.new_group(backend="gloo") if use_cuda else dist.group.WORLD
+    return Env(rank, world, local_rank, local_world, dev, host)
+
+
+def _visible_gpus() -> int:
+    """NVIDIA GPUs this process may use, without asking torch."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1", "NoDevFiles"):
+        return 0
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
+            return sum(line.startswith("GPU ") for line in out.splitlines())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return len(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def _no_silent_cpu_run(device: str) -> None:
+    """A machine with GPUs that torch cannot use is an error, not a CPU run (`train.device`)."""
+    gpus = _visible_gpus()
+    if not gpus and device == "auto":
+        return
+    if torch.version.cuda is None:
+        why = f"torch {torch.__version__} is a CPU build: `make venv VARIANT=cu130` (or cu128, cu126)"
+    else:
+        why = (f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use them: the NVIDIA driver "
+               f"may be too old for CUDA {torch.version.cuda}; update it, or `make venv` with an older VARIANT")
+    raise ConfigError(f"train.device is {device!r} and this machine has {gpus} NVIDIA GPU(s), but {why}, "
+                      f"or --train.device cpu to train on the CPU")
 
 
 def _attempt_store(world: int) -> dist.Store | None:

@@ -15,6 +15,7 @@ from app.data.batch import Batch
 from app.data.loader import iter_batches
 from app.data.reader import ParquetBatches
 from app.distributed import Env
+from app.feed import AgreedBatches
 from app.metrics import EvalMetrics
 from app.model import Outputs
 
@@ -28,13 +29,23 @@ def run_pipeline(pipeline: TrainPipelineSparseDist, batches: Iterator[Batch]) ->
             return
 
 
+def score(pipeline: TrainPipelineSparseDist, dmp: torch.nn.Module, data: ParquetBatches, cfg: Config,
+          env: Env) -> Iterator[Outputs]:
+    """The outputs of every batch of `data`, through the pipeline in scoring mode (`scoring`).
+    Bad input stops every rank before the same batch, then raises its `DataError`."""
+    batches = AgreedBatches(iter_batches(data, cfg.data.num_workers, env.device.type == "cuda"), env.host_group)
+    with scoring(dmp):
+        yield from run_pipeline(pipeline, batches)
+    if batches.error is not None:
+        raise batches.error
+
+
 def evaluate(pipeline: TrainPipelineSparseDist, dmp: torch.nn.Module, data: ParquetBatches,
              cfg: Config, env: Env, split: str = "eval") -> dict[str, float]:
-    """Scores a whole split through the pipeline (see `scoring`)."""
+    """Metrics of a whole split (`EvalMetrics`, summed over the ranks)."""
     metrics = EvalMetrics(cfg.tasks).to(env.device)
-    with scoring(dmp):
-        for out in run_pipeline(pipeline, iter_batches(data, cfg.data.num_workers, env.device.type == "cuda")):
-            metrics.update(out.preds, out.labels, out.weights)
+    for out in score(pipeline, dmp, data, cfg, env):
+        metrics.update(out.preds, out.labels, out.weights)
     return metrics.compute(split)
 
 

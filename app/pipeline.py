@@ -36,6 +36,8 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import Awaitable, NoWait
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from app.distributed import Env
+
 log = logging.getLogger("app")
 
 PIPELINES = ("host", "torchrec")
@@ -44,7 +46,7 @@ WRITTEN_FOR = ("1.6", "1.8")
 
 
 def make_pipeline(kind: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  device: torch.device) -> TrainPipelineSparseDist:
+                  env: Env) -> TrainPipelineSparseDist:
     """`train.pipeline`: "host" (`HostSplitsPipeline`, where this TorchRec release is one it was
     written for) or "torchrec". Both run every batch they are given (`execute_all_batches`)."""
     release = ".".join(torchrec.__version__.split(".")[:2])
@@ -53,8 +55,9 @@ def make_pipeline(kind: str, model: torch.nn.Module, optimizer: torch.optim.Opti
                     "this is %s, so TorchRec's own pipeline runs instead", " and ".join(WRITTEN_FOR),
                     torchrec.__version__)
         kind = "torchrec"
-    cls = HostSplitsPipeline if kind == "host" else TrainPipelineSparseDist
-    return cls(model, optimizer, device, execute_all_batches=True)
+    if kind == "torchrec":
+        return TrainPipelineSparseDist(model, optimizer, env.device, execute_all_batches=True)
+    return HostSplitsPipeline(model, optimizer, env.device, env.host_group, execute_all_batches=True)
 
 
 class HostSplitsPipeline(TrainPipelineSparseDist):
@@ -62,11 +65,9 @@ class HostSplitsPipeline(TrainPipelineSparseDist):
     Its batches have one batch size for all features (no variable batch per feature)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                 **kwargs) -> None:
+                 host_group: dist.ProcessGroup | None, **kwargs) -> None:
         super().__init__(model, optimizer, device, **kwargs)
-        # gloo ranks already talk on the host; NCCL ranks get a gloo group of their own
-        self._host_group = None if dist.get_world_size() == 1 else \
-            dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self._host_group = host_group  # None on one rank (`Env.host_group`)
 
     def _init_pipelined_modules(self, batch, context, *args, **kwargs) -> None:
         # TorchRec points the input distributions at its fused GPU splits exchange here

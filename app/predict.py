@@ -11,14 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from app import checkpoint
 from app.config import Config, load_config
-from app.data.loader import iter_batches
 from app.distributed import Env, init_distributed
-from app.evaluate import evaluate, run_pipeline, scoring
+from app.evaluate import evaluate, score
 from app.feed import split_data
 from app.pipeline import make_pipeline
 from app.sharded import build, resolve_columns
@@ -26,14 +24,15 @@ from app.sharded import build, resolve_columns
 
 def restore(path: str | Path, overrides: list[str]) -> tuple[Config, Env, torch.nn.Module,
                                                               TrainPipelineSparseDist]:
-    """A checkpoint folder, or a run folder (its latest checkpoint), ready to score."""
+    """A checkpoint folder, or a run folder (its best checkpoint with early stopping, else its
+    latest), ready to score."""
     path = checkpoint.resolve(path)
     # the run's plan file was made for its world size; plan afresh unless told otherwise
     cfg = load_config(path / "config.json", ["--plan.file", "", *overrides])
     env = init_distributed(cfg.train.device)
     dmp, optimizer, _ = build(cfg, env, resolve_columns(cfg))
     checkpoint.load(path, dmp)
-    return cfg, env, dmp, make_pipeline(cfg.train.pipeline, dmp, optimizer, env.device)
+    return cfg, env, dmp, make_pipeline(cfg.train.pipeline, dmp, optimizer, env)
 
 
 def evaluate_checkpoint(path: str | Path, split: str, overrides: list[str]) -> dict[str, float]:
@@ -48,12 +47,10 @@ def predict(path: str | Path, split: str, out: str | Path, merge: bool, override
     cfg, env, dmp, pipeline = restore(path, overrides)
     data = split_data(cfg, env, resolve_columns(cfg), split, train=False)
     ids, scores = [], []
-    with scoring(dmp):
-        batches = iter_batches(data, cfg.data.num_workers, env.device.type == "cuda")
-        for o in run_pipeline(pipeline, batches):
-            keep = o.weights > 0
-            ids.append(o.row_ids[keep].cpu())
-            scores.append(o.preds[keep].float().cpu())
+    for o in score(pipeline, dmp, data, cfg, env):
+        keep = o.weights > 0
+        ids.append(o.row_ids[keep].cpu())
+        scores.append(o.preds[keep].float().cpu())
     ids_np = torch.cat(ids).numpy()
     scores_np = torch.cat(scores).numpy()
     out = Path(out)

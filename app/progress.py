@@ -3,6 +3,7 @@ throughput read on log steps, evaluations, in RUN_DIR/metrics.jsonl and TensorBo
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -11,9 +12,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from app.data.errors import DataError
 from app.distributed import Env
 from app.metrics import TrainMetrics
 from app.model import Outputs
+
+log = logging.getLogger("app")
+SKIPPED_WARNING = 0.01  # share of skipped train rows that gets a warning
 
 
 class RunLog:
@@ -46,10 +51,14 @@ class RunLog:
 class Progress:
     """Per step: train metrics accumulated on the device, the bar moved. On log steps (every
     `log_every`): the metrics read (the one host sync), with samples/s and step time since the
-    last log step, written and shown. Segments (`start`, `end`) time the training alone."""
+    last log step, written and shown. Segments (`start`, `end`) time the training alone.
+
+    With `skip_limit` (data.on_bad_rows = "skip"), rows skipped as bad input (weight 0) are
+    counted too: a warning past 1% of the train rows read since the run started or resumed,
+    and past `skip_limit` a `failure` the trainer stops on (every rank sees the same sums)."""
 
     def __init__(self, run_dir: Path, env: Env, tasks: list[str], batch_size: int, log_every: int,
-                 tensorboard: bool, step: int, total: int):
+                 tensorboard: bool, step: int, total: int, skip_limit: float | None = None):
         self.env, self.tasks, self.log_every = env, tasks, log_every
         self.global_batch = batch_size * env.world_size
         self.metrics = TrainMetrics(tasks, env.device)
@@ -57,12 +66,13 @@ class Progress:
         self.bar = tqdm(total=total, initial=step, disable=env.rank != 0, unit="step", dynamic_ncols=True,
                         mininterval=1.0 if sys.stderr.isatty() else 30.0)
         self.train_time, self.samples, self.last_log = 0.0, 0, {}
+        self.skip_limit, self.failure = skip_limit, None
+        self._skipped = torch.zeros((), dtype=torch.int64, device=env.device) if skip_limit is not None else None
+        self._rows = 0  # this rank's, since the last log step
+        self.skipped_rows = self.read_rows = 0  # over all ranks, as of the last log step
 
     def _group_mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.env.world_size == 1:
-            return t
-        dist.all_reduce(t)
-        return t / self.env.world_size
+        return self._group_sum(t) / self.env.world_size
 
     def start(self, step: int) -> None:
         self.start_time = self.log_time = time.perf_counter()
@@ -71,6 +81,9 @@ class Progress:
     def update(self, step: int, out: Outputs, epoch: int) -> bool:
         """After training step `step`; True on log steps."""
         self.metrics.update(out.losses, out.gates)  # gates: None unless train.gate_stats
+        if self._skipped is not None:
+            self._skipped += (out.weights == 0).sum()
+            self._rows += len(out.weights)
         self.bar.update()
         if step % self.log_every:
             return False
@@ -81,11 +94,37 @@ class Progress:
                   **self.metrics.read(self._group_mean)}
         if self.env.device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
+        if self._skipped is not None:
+            record.update(self._count_skipped())
         self.log.write(step, record)
         self.last_log, self.log_time, self.log_step = record, now, step
         self.bar.set_postfix(loss=f"{sum(record[f'train/{t}/loss'] for t in self.tasks):.4f}",
                              samples_s=f"{rate:,.0f}")
         return True
+
+    def _count_skipped(self) -> dict[str, float]:
+        counts = self._group_sum(torch.stack([self._skipped, torch.tensor(self._rows, device=self._skipped.device,
+                                                                          dtype=self._skipped.dtype)]))
+        self._skipped.zero_()
+        self._rows = 0
+        before = self.skipped_rows / max(self.read_rows, 1)
+        skipped, rows = counts.tolist()
+        self.skipped_rows, self.read_rows = self.skipped_rows + int(skipped), self.read_rows + int(rows)
+        share = self.skipped_rows / self.read_rows
+        if share > self.skip_limit:
+            self.failure = DataError(
+                f"{share:.1%} of the {self.read_rows:,} train rows read so far were skipped as bad input, more "
+                f"than data.max_skipped_fraction {self.skip_limit:g}: fix the data (`mmoe data check` lists "
+                f"it) or check the schema's cardinalities; raise the limit to accept it")
+        elif share > SKIPPED_WARNING >= before and self.env.rank == 0:
+            log.warning("%.1f%% of the train rows read so far were skipped as bad input (data.on_bad_rows "
+                        "= \"skip\"); the run stops past data.max_skipped_fraction %g", 100 * share, self.skip_limit)
+        return {"train/skipped_rows": self.skipped_rows, "train/skipped_fraction": share}
+
+    def _group_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.env.world_size > 1:
+            dist.all_reduce(t)
+        return t
 
     def end(self, step: int) -> None:
         self.train_time += time.perf_counter() - self.start_time
@@ -100,3 +139,9 @@ class Progress:
     def close(self) -> None:
         self.bar.close()
         self.log.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # before an error is printed, so that it stands on a line of its own

@@ -9,26 +9,30 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+import os
 from typing import Callable, Iterator
 
 import torch
 
-from app.checkpoint import Checkpointer
 from app.config import Config
+from app.data.errors import DataError
 from app.data.order import Position
 from app.distributed import Env, StopSignal, init_distributed
+from app.early_stop import EarlyStop
 from app.evaluate import evaluate, run_pipeline
 from app.feed import EpochFeed, split_data
 from app.pipeline import make_pipeline
 from app.progress import Progress
+from app.run_dir import Checkpointer
 from app.sharded import build, resolve_columns
 
 
 def train(cfg: Config) -> dict:
     """Trains and evaluates `cfg`; returns the summary that rank 0 writes to summary.json.
 
-    Resumes from RUN_DIR/checkpoints/latest unless `train.resume` is false. A stop signal
-    ends with a checkpoint and `{"stopped": True, ...}`, without summary.json.
+    Resumes from RUN_DIR/checkpoints/latest unless `train.resume` is false (`app.run_dir`). A
+    stop signal ends with a checkpoint and `{"stopped": True, ...}`, without summary.json; bad
+    input found mid-run ends with a checkpoint, then its `DataError`.
     """
     t = cfg.train
     env = init_distributed(t.device)
@@ -37,38 +41,70 @@ def train(cfg: Config) -> dict:
     eval_data = split_data(cfg, env, columns, cfg.data.eval_split, train=False)
     dmp, optimizer, plan = build(cfg, env, columns)
     checkpoints = Checkpointer(cfg.run_dir, t.keep_checkpoints, env.rank == 0)
-    state = checkpoints.resume(dmp, optimizer) if t.resume else None
+    state = checkpoints.resume(cfg.to_dict(), dmp, optimizer, t.resume, t.overwrite)
     step, position = (state["step"], Position.from_state_dict(state["position"])) if state else (0, Position())
-    checkpoints.start(cfg.to_dict(), plan, resumed=state is not None)
-    pipeline = make_pipeline(t.pipeline, dmp, optimizer, env.device)
     feed = EpochFeed(train_data, position, step, t.epochs, t.max_steps, cfg.data.num_workers,
-                     pin_memory=env.device.type == "cuda")
+                     pin_memory=env.device.type == "cuda", host_group=env.host_group)
+    stopper = EarlyStop(t.early_stop, t.patience, state)
+    if state and (step >= feed.total or stopper.stopped) and checkpoints.summary() is not None:
+        return already_finished(cfg, step, checkpoints.summary())
+    checkpoints.start(cfg.to_dict(), plan, resumed=state is not None)
+    pipeline = make_pipeline(t.pipeline, dmp, optimizer, env)
     progress = Progress(cfg.run_dir, env, list(cfg.tasks), cfg.data.batch_size, t.log_every, t.tensorboard,
-                        step, feed.total)
-    stop, stopped, eval_result = StopSignal(), False, {}
-    with collecting_every(t.gc_every) as collect:
-        while step < feed.total and not stopped:
+                        step, feed.total, cfg.data.max_skipped_fraction if cfg.data.on_bad_rows == "skip" else None)
+    stop, stopped, failure, eval_result = StopSignal(), False, None, {}
+    with collecting_every(t.gc_every) as collect, progress:
+        while step < feed.total and not stopped and not stopper.stopped:
             segment = feed.segment(next_boundary(step, feed.total, t.eval_every, t.checkpoint_every) - step)
             seed_segment(cfg, env, step)
             progress.start(step)
             for out in run_pipeline(pipeline, segment):
                 step += 1
                 collect(step)
-                if progress.update(step, out, feed.position.epoch) and stop.agreed(env):
+                if progress.update(step, out, feed.position.epoch) and (stop.agreed(env) or progress.failure):
                     segment.stop()  # the pipeline finishes the batches it holds, then drains
             feed.done(segment)
             progress.end(step)
-            stopped = segment.stopped
+            failure = segment.error or progress.failure
+            stopped = segment.stopped or failure is not None
+            best = False
             if t.eval_every and step % t.eval_every == 0 and not stopped or step == feed.total:
-                eval_result = evaluate(pipeline, dmp, eval_data, cfg, env)
-                progress.evaluated(step, feed.position.epoch, eval_result)
-            if stopped or step == feed.total or (t.checkpoint_every and step % t.checkpoint_every == 0):
-                checkpoints.save(step, dmp, optimizer, {"step": step, "position": feed.position.state_dict(),
-                                                        "world_size": env.world_size})
-    progress.close()
-    summary = run_summary(cfg, env, progress, eval_result, step, stopped)
+                eval_result, eval_failure = evaluated(pipeline, dmp, eval_data, cfg, env, progress, step, feed)
+                failure = failure or eval_failure
+                best = eval_failure is None and stopper.update(step, eval_result)
+            if stopped or failure or step == feed.total or best or stopper.stopped or \
+                    (t.checkpoint_every and step % t.checkpoint_every == 0):
+                saved = checkpoints.save(step, dmp, optimizer, {"step": step, "position": feed.position.state_dict(),
+                                                                "world_size": env.world_size, **stopper.state()})
+                if best:
+                    checkpoints.mark_best(saved)
+            if failure is not None:
+                raise failure
+        if not eval_result and not stopped:  # resumed at the end of a run that wrote no summary
+            eval_result = evaluate(pipeline, dmp, eval_data, cfg, env)
+            progress.evaluated(step, feed.position.epoch, eval_result)
+    summary = run_summary(cfg, env, progress, eval_result, step, stopped, stopper)
     if not stopped:
         checkpoints.finish(summary)
+    return summary
+
+
+def evaluated(pipeline, dmp, data, cfg: Config, env: Env, progress: Progress, step: int,
+              feed: EpochFeed) -> tuple[dict[str, float], DataError | None]:
+    """(metrics, None), or ({}, the bad input found in the evaluation split)."""
+    try:
+        result = evaluate(pipeline, dmp, data, cfg, env)
+    except DataError as e:
+        return {}, e
+    progress.evaluated(step, feed.position.epoch, result)
+    return result, None
+
+
+def already_finished(cfg: Config, step: int, summary: dict) -> dict:
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"{cfg.run_dir} finished at step {step}: nothing to train. Its results are in "
+              f"{cfg.run_dir / 'summary.json'}; to train on, raise --train.epochs (or --train.max_steps); to "
+              f"start over, --train.resume false --train.overwrite true")
     return summary
 
 
@@ -102,9 +138,11 @@ def collecting_every(steps: int) -> Iterator[Callable[[int], None]]:
 
 
 def run_summary(cfg: Config, env: Env, progress: Progress, eval_result: dict[str, float], step: int,
-                stopped: bool) -> dict:
-    """What summary.json holds: the last evaluation per task, the gates, throughput."""
+                stopped: bool, stopper: EarlyStop) -> dict:
+    """What summary.json holds: the last evaluation per task (the best, with early stopping),
+    the gates, throughput."""
     last_log = progress.last_log
+    eval_result = stopper.result or eval_result  # with early stopping, the best evaluation's
     return {
         "config": cfg.name,
         "tasks": {t: {k.split("/")[2]: v for k, v in eval_result.items() if k.startswith(f"eval/{t}/")}
@@ -112,6 +150,8 @@ def run_summary(cfg: Config, env: Env, progress: Progress, eval_result: dict[str
         "mean_auc": eval_result.get("eval/mean_auc"),
         "eval_rows": eval_result.get("eval/rows"),
         "skipped_rows": eval_result.get("eval/skipped_rows"),
+        "train_skipped_rows": progress.skipped_rows,
+        "train_skipped_fraction": progress.skipped_rows / progress.read_rows if progress.read_rows else 0.0,
         # gate_e0, gate_e1, ... in expert order (not gate_entropy, not gate_e10 before gate_e2)
         "gates": {t: [last_log[f"train/{t}/gate_e{e}"] for e in
                       itertools.takewhile(lambda e, t=t: f"train/{t}/gate_e{e}" in last_log, itertools.count())]
@@ -122,4 +162,6 @@ def run_summary(cfg: Config, env: Env, progress: Progress, eval_result: dict[str
         "steps": step,
         "epochs": cfg.train.epochs,
         "stopped": stopped,
+        "early_stopped": stopper.stopped,
+        "best": {"metric": stopper.metric, "step": stopper.step, "value": stopper.value} if stopper.metric else None,
     }

@@ -1,7 +1,11 @@
-"""Shared fixtures: small synthetic data sets and free ports for real gloo ranks."""
+"""Shared fixtures and helpers: small synthetic data sets, free ports for real gloo ranks, and the
+`mmoe` command run alone or under torchrun."""
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -12,6 +16,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+PY = sys.executable
+
+
+def mmoe(*args, ranks: int = 1, check: bool = True, extra_env: dict | None = None):
+    """Runs `python -m app ...` alone or under torchrun with `ranks` gloo processes."""
+    launcher = [PY, "-m", "app"] if ranks == 1 else [
+        PY, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+        "--master-port", str(free_port()), "-m", "app"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(extra_env or {})}
+    proc = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def train_args(data, run_dir, *more):
+    return ["train", "--config", "configs/debug.toml", "--data.path", data, "--train.run_dir", run_dir,
+            "--train.log_every", "5", "--train.tensorboard", "false", *more]
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pyarrow.parquet as pq
@@ -14,26 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import free_port
-
-PY = sys.executable
-
-
-def mmoe(*args, ranks: int = 1, check: bool = True, extra_env: dict | None = None):
-    """Runs `python -m app ...` alone or under torchrun with `ranks` gloo processes."""
-    launcher = [PY, "-m", "app"] if ranks == 1 else [
-        PY, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-        "--master-port", str(free_port()), "-m", "app"]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(extra_env or {})}
-    proc = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed:\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def train_args(data, run_dir, *more):
-    return ["train", "--config", "configs/debug.toml", "--data.path", data, "--train.run_dir", run_dir,
-            "--train.log_every", "5", "--train.tensorboard", "false", *more]
+from conftest import PY, free_port, mmoe, train_args
 
 
 def scores(path) -> torch.Tensor:

@@ -5,6 +5,7 @@ carry different numbers of ids, with equal and with unequal batch sizes; and it 
 TorchRec's module functions as they were."""
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -70,10 +71,11 @@ def worker(rank: int, world: int, port: int, data: str, sharding: str, result: d
     recat = dist_data._get_recat
     cfg = load_config("configs/debug.toml", ["--data.path", data, "--plan.sharding_types", f"['{sharding}']"])
     columns = Columns.resolve(Schema.load(data), list(cfg.tasks), [], [], "test")
-    env = Env(rank, world, rank, world, torch.device("cpu"))
+    env = Env(rank, world, rank, world, torch.device("cpu"), None if world == 1 else dist.group.WORLD)
     for batch_size in (64, 64 - 16 * rank):  # the same batch size on both ranks, then not
         theirs, none = _train(TrainPipelineSparseDist, cfg, env, columns, data, batch_size)
-        ours, exchanges = _train(host_pipeline.HostSplitsPipeline, cfg, env, columns, data, batch_size)
+        ours, exchanges = _train(functools.partial(host_pipeline.HostSplitsPipeline, host_group=env.host_group),
+                                 cfg, env, columns, data, batch_size)
         assert none == 0 and len(ours) == len(theirs) == STEPS
         # every batch after the first (which TorchRec distributes while setting up) goes through
         # it; one rank exchanges nothing
@@ -128,7 +130,7 @@ def test_make_pipeline_falls_back_to_torchrecs_on_other_releases(monkeypatch, ca
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         model, opt = Model(), torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-        cpu = torch.device("cpu")
+        cpu = Env(0, 1, 0, 1, torch.device("cpu"))
         assert type(make_pipeline("host", model, opt, cpu)) is host_pipeline.HostSplitsPipeline
         assert type(make_pipeline("torchrec", model, opt, cpu)) is TrainPipelineSparseDist
         monkeypatch.setattr(torchrec, "__version__", "9.0.0")

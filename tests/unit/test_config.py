@@ -55,3 +55,35 @@ def test_shipped_configs_load():
     for name in ("census_mmoe", "debug", "criteo_mmoe"):
         cfg = load_config(f"configs/{name}.toml")
         assert len(cfg.tasks) == 2
+
+
+@pytest.mark.parametrize("override,message", [
+    (["--train.eval_every", "-5"], r"train.eval_every is -5; it must lie in \[0, inf\)"),
+    (["--train.checkpoint_every", "-5"], r"train.checkpoint_every is -5; it must lie in \[0, inf\)"),
+    (["--train.log_every", "0"], r"train.log_every is 0; it must lie in \[1, inf\)"),
+    (["--train.max_steps", "-1"], r"train.max_steps is -1; it must lie in \[0, inf\) \(0 runs all epochs\)"),
+    (["--train.epochs", "0"], r"train.epochs is 0; it must lie in \[1, inf\)"),
+    (["--model.dropout", "2"], r"model.dropout is 2.0; it must lie in \[0, 1\)"),
+    (["--model.dropout", "1"], r"model.dropout is 1.0; it must lie in \[0, 1\)"),
+    (["--optim.sparse_lr", "0"], r"optim.sparse_lr is 0.0; it must lie in \(0, inf\)"),
+    (["--data.num_workers", "-1"], r"data.num_workers is -1"),
+    (["--tasks.ctr.weight", "-1"], r"tasks.ctr.weight is -1.0"),
+    (["--model.tower_layers", "[8, 0]"], r"model.tower_layers is \[8, 0\]; layer sizes must be at least 1"),
+    (["--train.early_stop", "ctr/rmse", "--train.eval_every", "5"], r"train.early_stop is 'ctr/rmse'"),
+    (["--train.early_stop", "ctr/auc"], r"train.early_stop needs train.eval_every"),
+])
+def test_numeric_fields_out_of_range_are_one_line_errors(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, BASE), override)
+
+
+def test_edges_of_the_ranges_load(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["--train.eval_every", "0", "--train.max_steps", "0",
+                                              "--model.dropout", "0.99", "--train.keep_checkpoints", "0",
+                                              "--train.early_stop", "ctr/logloss", "--train.eval_every", "5"])
+    assert cfg.model.dropout == 0.99 and cfg.train.early_stop == "ctr/logloss"
+
+
+def test_a_malformed_file_is_one_line_with_its_line_number(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.toml: not valid TOML: Invalid value \(at line 4, column 10\)"):
+        load_config(write(tmp_path, BASE + "[train]\nepochs = \n"))
