@@ -88,8 +88,8 @@ def _stat_problem(name: str, stats, tp: pa.DataType, columns: Columns,
         lo, hi = lo - offset, hi - offset
         if lo < 0 or hi >= card:
             shifted = f", keys minus the slot offset {offset}" if offset else ""
-            return (f"ids span [{lo}, {hi}]{shifted} but the schema gives cardinality {card} "
-                    f"(ids must lie in [0, {card}); raise it in schema.json if the ids are right)")
+            return (f"ids span [{lo}, {hi}]{shifted} but {columns.sizes_from} gives cardinality "
+                    f"{card} (ids must lie in [0, {card}); raise it there if the ids are right)")
         return None
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return f"values span [{lo}, {hi}], not finite"
