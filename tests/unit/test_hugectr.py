@@ -284,10 +284,24 @@ def test_norm_file_list_as_the_generator_writes_it(tmp_path, caplog):
         schema = convert_norm(listing, tmp_path / "out", "train", NormLayout(1, 2, 3, False, None))
     assert "says 2 files; the 2 lines after them are ignored, as HugeCTR does" in caplog.text
     assert schema.meta["rows"] == {"train": 8}  # each file once
-    assert sorted(p.name for p in (tmp_path / "out" / "train").iterdir()) == ["part-0.parquet", "part-1.parquet"]
+    written = sorted(p.name for p in (tmp_path / "out" / "train").iterdir())
+    assert written == ["part-0.parquet", "part-1.parquet"]
     listing.write_text("3\n./part0.data\n./part1.data\n")
     with pytest.raises(DataError, match=r"file_list\.txt: first line says 3 files but 2 paths follow"):
         convert_norm(listing, tmp_path / "out", "train", NormLayout(1, 2, 3, False, None), force=True)
+
+
+def test_failed_norm_conversion_leaves_nothing(tmp_path):
+    recs = [norm_records(6, 9), norm_records(4, 10)]
+    listing = norm_files(tmp_path, recs)
+    good = (tmp_path / "part1.data").read_bytes()
+    (tmp_path / "part1.data").write_bytes(good[:-3])
+    layout = NormLayout(1, 2, 3, False, None)
+    with pytest.raises(DataError, match=r"part1\.data: header says 4 records"):
+        convert_norm(listing, tmp_path / "out", "train", layout)
+    assert not (tmp_path / "out" / "train").exists()
+    (tmp_path / "part1.data").write_bytes(good)
+    assert convert_norm(listing, tmp_path / "out", "train", layout).meta["rows"] == {"train": 10}
 
 
 def test_norm_offsets_are_removed_and_checked(tmp_path):
