@@ -15,7 +15,7 @@ import warnings
 
 COMMANDS = {}
 DATA_SOURCES = ["app.sources.census", "app.sources.synthetic", "app.sources.criteo", "app.sources.hugectr_norm",
-                "app.sources.mmoe_paper"]  # modules with add_data_command(subparsers)
+                "app.sources.mmoe_paper", "app.data.scan"]  # modules with add_data_command(subparsers)
 
 
 def command(fn):
@@ -77,7 +77,7 @@ def eval(argv: list[str]) -> None:
 
 @command
 def data(argv: list[str]) -> None:
-    """Prepare data sets: mmoe data <source> [options]  (sources: see --help)"""
+    """Prepare or check data sets: mmoe data <source> [options], mmoe data check PATH  (see --help)"""
     p = argparse.ArgumentParser(prog="mmoe data", description=data.__doc__)
     sub = p.add_subparsers(dest="source", required=True)
     for module in DATA_SOURCES:

@@ -29,7 +29,7 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank
     shuffle: bool = True  # shuffle row groups and rows within a window each epoch
     on_bad_rows: str = "error"  # "error" stops with file/row group/column; "skip" drops and counts
-    # HugeCTR data without schema.json: rows of each table in _metadata.json "cats" order
+    # HugeCTR data without schema.json: rows of each table in ascending _metadata.json "cats" index order
     # (HugeCTR's slot_size_array); empty: max id + 1 found in the splits
     slot_size_array: list[int] = field(default_factory=list)
     keys_have_offsets: bool = False  # keys are id + sum of the earlier slots' sizes (HugeCTR's offsets)

@@ -12,5 +12,6 @@ Modules, in the order a batch flows through them: `schema` (column roles; no tor
 `layout` (where a split's files and schema come from), `checks` (what input is refused),
 `order` (the epoch's row order and each rank's share; pure functions), `reader` (Parquet
 row groups -> packed chunks of batches), `batch` (the `Batch` and its packing), `loader`
-(worker processes and the shared memory they pack into).
+(worker processes and the shared memory they pack into). `scan` (`mmoe data check`) runs the
+checks over a whole data set up front.
 """

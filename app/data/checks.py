@@ -3,16 +3,19 @@
 Every message is one line that names the file, and the row group and column where they
 apply, and says what to fix. Two levels, cheapest first (`schema.json` itself is checked
 where it is read, `app.data.schema`):
-- `check_file` and `check_statistics`: Parquet footers only (columns, types, and the min/max
-  and null counts the writer stored per row group), so most bad files are named before the
-  first step without decoding any data;
-- `bad_rows` / `check_rows` / `clean_rows`: values of each decoded row group (NaN, which
-  footers do not record, and anything a file written without statistics hides).
+- `check_file` and `check_statistics` (`statistics_problems`): Parquet footers only (columns,
+  types, and the min/max and null counts the writer stored per row group), so most bad files
+  are named before the first step without decoding any data;
+- `bad_rows` / `check_rows` / `clean_rows`: values of each row group as `read_row_group`
+  decodes it (NaN, which footers do not record, and anything a file written without
+  statistics hides).
+The reader stops at the first problem; `app.data.scan` (`mmoe data check`) lists them all.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from app.data.errors import DataError, one_line
+from app.data.hugectr import subtract_offsets
 from app.data.schema import Columns, is_list
 
 SKIP_HINT = 'fix the data, or set data.on_bad_rows = "skip" to give such rows weight 0'
@@ -88,8 +92,8 @@ def _stat_problem(name: str, stats, tp: pa.DataType, columns: Columns,
         lo, hi = lo - offset, hi - offset
         if lo < 0 or hi >= card:
             shifted = f", keys minus the slot offset {offset}" if offset else ""
-            return (f"ids span [{lo}, {hi}]{shifted} but the schema gives cardinality {card} "
-                    f"(ids must lie in [0, {card}); raise it in schema.json if the ids are right)")
+            return (f"ids span [{lo}, {hi}]{shifted} but {columns.sizes_from} gives cardinality "
+                    f"{card} (ids must lie in [0, {card}); raise it there if the ids are right)")
         return None
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return f"values span [{lo}, {hi}], not finite"
@@ -104,11 +108,12 @@ def _offset(columns: Columns, i: int) -> int:
     return offsets[i] if offsets else 0
 
 
-def check_statistics(path: Path, meta: pq.FileMetaData, columns: Columns,
-                     label_kinds: tuple[str, ...]) -> None:
-    """Footer min/max and null counts of every row group against the schema: ids within
-    [0, cardinality), binary labels within [0, 1], no nulls, no inf. NaN is not recorded in
-    footers and is caught when the row group is decoded (`check_rows`)."""
+def statistics_problems(meta: pq.FileMetaData, columns: Columns,
+                        label_kinds: tuple[str, ...]) -> Iterator[tuple[int, str, str]]:
+    """(row group, column, what is wrong) for each column chunk whose footer min/max and null
+    counts break the schema: ids outside [0, cardinality), binary labels outside [0, 1],
+    nulls, inf. NaN is not recorded in footers and is caught when the row group is decoded
+    (`bad_rows`)."""
     wanted = set(columns.all)
     kinds = dict(zip(columns.labels, label_kinds))
     arrow = meta.schema.to_arrow_schema()
@@ -120,11 +125,41 @@ def check_statistics(path: Path, meta: pq.FileMetaData, columns: Columns,
             problem = _stat_problem(name, group.column(j).statistics, arrow.field(name).type,
                                     columns, kinds)
             if problem:
-                raise DataError(f"{path}: row group {i}, column {name!r}: {problem}; {SKIP_HINT}")
+                yield i, name, problem
+
+
+def check_statistics(path: Path, meta: pq.FileMetaData, columns: Columns,
+                     label_kinds: tuple[str, ...]) -> None:
+    """The first of the footer's `statistics_problems`, raised."""
+    first = next(statistics_problems(meta, columns, label_kinds), None)
+    if first:
+        i, name, problem = first
+        raise DataError(f"{problem_line(f'{path}: row group {i}', name, problem)}; {SKIP_HINT}")
+
+
+def problem_line(where: str, column: str, what: str) -> str:
+    """A problem as every message states it: file and row group (`where`), column, what."""
+    return f"{where}, column {column!r}: {what}"
 
 
 # ---------------------------------------------------------------------------------------
 # Values of a decoded row group
+
+
+def read_row_group(path: str, index: int, columns: Columns, footers: dict[str, pq.FileMetaData],
+                   use_threads: bool) -> pa.Table:
+    """One row group's columns as the value checks take them: decoded (a damaged file is a
+    DataError) and with HugeCTR's slot offsets subtracted. `footers` keeps each file's parsed
+    footer; files are not memory-mapped: one cut short while it is read must raise the error
+    below, not kill the process with SIGBUS."""
+    try:
+        file = pq.ParquetFile(path, metadata=footers.get(path))
+        footers[path] = file.metadata
+        table = file.read_row_group(index, columns=columns.all, use_threads=use_threads)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: row group {index} cannot be read ({one_line(e)}); "
+                        f"the file is damaged: rewrite it with the converter") from e
+    return subtract_offsets(table, columns)
 
 
 def _array(col: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -233,7 +268,7 @@ def check_rows(table: pa.Table, columns: Columns, label_kinds: tuple[str, ...], 
         return None
     if not skip:
         name = next(iter(masks))
-        raise DataError(f"{where}, column {name!r}: {describe(table, name, masks[name], columns)}; "
+        raise DataError(f"{problem_line(where, name, describe(table, name, masks[name], columns))}; "
                         f"{SKIP_HINT}")
     bad = np.zeros(table.num_rows, bool)
     for mask in masks.values():

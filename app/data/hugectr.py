@@ -7,9 +7,13 @@ A split is a file list (first line the number of files, then one path per line;
     {"file_stats": [{"file_name": "0.parquet", "num_rows": 199523}, ...],
      "labels": [{"col_name": "income", "index": 0}, ...], "conts": [...], "cats": [...]}
 
-`index` is the column's position in the Parquet files. Without `schema.json`, the column
-roles come from the metadata of the train split; cardinalities from `data.slot_size_array`
-(in `cats` order) or, without it, from max id + 1 found in the splits. With
+`index` is the column's position in the Parquet files; as in HugeCTR, the columns of a role
+are taken in ascending `index` order, whatever order the JSON lists them in (NVTabular writes
+`cats` in workflow order), and `file_stats` names are matched by basename (HugeCTR's
+generator writes them with its output prefix). Without `schema.json`, the column roles come
+from the metadata of the train split; cardinalities from `data.slot_size_array` (slot i is
+the `cats` column of the i-th smallest index) or, without it, from max id + 1 found in the
+splits. With
 `data.keys_have_offsets`, keys carry HugeCTR's cumulative slot offsets (slot i's keys start
 at the sum of the sizes of slots 0..i-1) and the reader subtracts them (`subtract_offsets`).
 HugeCTR's Norm binary files are converted instead (`app.sources.hugectr_norm`).
@@ -56,18 +60,23 @@ class Split:
 
 
 def read_file_list(path: Path) -> list[Path]:
-    """Paths of a HugeCTR file list. Relative paths are taken from the list's folder or the
-    nearest parent that has them (HugeCTR resolves them from the folder it runs in)."""
+    """Paths of a HugeCTR file list: the first `count` paths, as HugeCTR reads it (its Norm
+    generator writes every name twice under a count of one each). Relative paths are taken
+    from the list's folder or the nearest parent that has them (HugeCTR resolves them from
+    the folder it runs in)."""
     lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-    if not lines or not lines[0].isdigit():
-        raise DataError(f"{path}: a file list starts with the number of files, then one path "
-                        f"per line; got {lines[0][:60]!r} as its first line" if lines else
+    if not lines or not lines[0].isdigit() or int(lines[0]) < 1:
+        raise DataError(f"{path}: a file list starts with the number of files (at least 1), then "
+                        f"one path per line; got {lines[0][:60]!r} as its first line" if lines else
                         f"{path}: empty file list")
     count, names = int(lines[0]), lines[1:]
-    if count != len(names):
+    if count > len(names):
         raise DataError(f"{path}: first line says {count} files but {len(names)} paths follow; "
                         f"fix the count")
-    return [_resolve(path, Path(name)) for name in names]
+    if count < len(names):
+        log.warning("%s: first line says %d files; the %d lines after them are ignored, as HugeCTR "
+                    "does", path, count, len(names) - count)
+    return [_resolve(path, Path(name)) for name in names[:count]]
 
 
 def _resolve(file_list: Path, name: Path) -> Path:
@@ -84,15 +93,33 @@ def _resolve(file_list: Path, name: Path) -> Path:
 
 
 def read_metadata(path: Path) -> Metadata:
+    """`file_stats` by basename and each role's columns in ascending `index` order, as
+    HugeCTR reads them (a name's folders and the JSON's column order do not count)."""
     try:
         raw = json.loads(path.read_text())
-        rows = {str(s["file_name"]): int(s["num_rows"]) for s in raw["file_stats"]}
-        roles = {key: [(str(c["col_name"]), int(c["index"])) for c in raw.get(key, [])]
-                 for key in ("labels", "conts", "cats")}
+        stats = [(str(s["file_name"]), int(s["num_rows"])) for s in raw["file_stats"]]
+        roles = {key: sorted(((str(c["col_name"]), int(c["index"])) for c in raw.get(key, [])),
+                             key=lambda c: c[1]) for key in ("labels", "conts", "cats")}
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: malformed HugeCTR metadata ({e!r}); it needs file_stats "
                         f"[{{file_name, num_rows}}] and labels/conts/cats [{{col_name, index}}]") from e
+    rows, named = {}, {}
+    for name, n in stats:
+        base = _basename(name)
+        if base in named:
+            raise DataError(f"{path}: file_stats lists {named[base]!r} and {name!r}, which HugeCTR "
+                            f"matches by basename alone; keep one entry per file name")
+        rows[base], named[base] = n, name
+    for key, cols in roles.items():
+        for (a, i), (b, j) in zip(cols, cols[1:]):
+            if i == j:
+                raise DataError(f"{path}: {key} columns {a!r} and {b!r} share index {i}; give each "
+                                f"its own column position")
     return Metadata(path, rows, roles["labels"], roles["conts"], roles["cats"])
+
+
+def _basename(name: str) -> str:
+    return name.replace("\\", "/").rsplit("/", 1)[-1]
 
 
 def find_split(dataset: str | Path, split: str) -> Split | None:
@@ -120,7 +147,7 @@ def check_row_counts(split: Split) -> None:
         meta = split.metadata.get(path.parent)
         if meta is None:
             continue
-        expected = meta.file_rows.get(path.name, meta.file_rows.get(str(path)))
+        expected = meta.file_rows.get(path.name)
         if expected is None:
             listed = ", ".join(list(meta.file_rows)[:5]) + (", ..." if len(meta.file_rows) > 5 else "")
             raise DataError(f"{path}: not in the file_stats of {meta.path} (which lists {listed}); "
@@ -186,7 +213,8 @@ def derive_schema(dataset: str | Path, splits: list[str], slot_size_array: list[
     if slot_size_array:
         if len(slot_size_array) != len(cats):
             raise DataError(f"data.slot_size_array has {len(slot_size_array)} sizes but {meta.path} "
-                            f"lists {len(cats)} categorical columns (cats); give one size per column")
+                            f"lists {len(cats)} categorical columns (cats); give one size per column, "
+                            f"in ascending cats index order")
         if min(slot_size_array) < 1:
             raise DataError(f"data.slot_size_array {slot_size_array}: every size must be at least 1")
         sizes = list(slot_size_array)
@@ -204,7 +232,8 @@ def derive_schema(dataset: str | Path, splits: list[str], slot_size_array: list[
     multi_hot = [c for c in cats if is_list(arrow.field(c).type)]
     schema = Schema(labels=labels, dense=dense, categorical=dict(zip(cats, sizes)),
                     multi_hot=multi_hot, meta={"source": f"HugeCTR split {split.where}"},
-                    offsets=dict(zip(cats, slot_offsets(sizes))) if keys_have_offsets else {})
+                    offsets=dict(zip(cats, slot_offsets(sizes))) if keys_have_offsets else {},
+                    sizes_from="data.slot_size_array")
     return schema, str(meta.path)
 
 

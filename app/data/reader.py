@@ -8,15 +8,13 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset
 
 from app.data import checks
 from app.data.batch import Block, Chunk, chunk_parts
-from app.data.errors import DataError, one_line
-from app.data.hugectr import subtract_offsets
+from app.data.errors import DataError
 from app.data.layout import split_files
 from app.data.order import (Position, RowGroup, Span, batch_sizes, epoch_order, rank_share, row_permutation,
                             span_rows, take_spans)
@@ -93,19 +91,10 @@ class ParquetBatches(IterableDataset):
     def _read(self, gi: int, epoch: int) -> Block:
         """Decodes and checks one row group; draws its row order."""
         g = self.groups[gi]
-        try:
-            # the footer is parsed once per file (not memory-mapped: a file cut short while
-            # it is read must raise the error below, not kill the process with SIGBUS)
-            file = pq.ParquetFile(g.file, metadata=self._footers.get(g.file))
-            self._footers[g.file] = file.metadata
-            # in a reader worker, one thread: Arrow's pool (a thread per core in every worker)
-            # would take cores from the training process; the workers are the parallelism
-            table = file.read_row_group(g.index, columns=self.columns.all,
-                                        use_threads=torch.utils.data.get_worker_info() is None)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{g.file}: row group {g.index} cannot be read ({one_line(e)}); "
-                            f"the file is damaged: rewrite it with the converter") from e
-        table = subtract_offsets(table, self.columns)
+        # in a reader worker, one thread: Arrow's pool (a thread per core in every worker)
+        # would take cores from the training process; the workers are the parallelism
+        table = checks.read_row_group(g.file, g.index, self.columns, self._footers,
+                                      use_threads=torch.utils.data.get_worker_info() is None)
         bad = checks.check_rows(table, self.columns, self.label_kinds, f"{g.file}: row group {g.index}",
                                 skip=self.on_bad_rows == "skip")
         if bad is not None:

@@ -29,6 +29,7 @@ class Schema:
     meta: dict = field(default_factory=dict)
     # keys in the files are id + offset (HugeCTR's slot offsets); from the config, not saved
     offsets: dict[str, int] = field(default_factory=dict)
+    sizes_from: str = SCHEMA_FILE  # where a wrong cardinality is fixed, for error messages; not saved
 
     @classmethod
     def load(cls, dataset: str | Path) -> "Schema":
@@ -96,6 +97,7 @@ class Columns:
     cardinality: tuple[int, ...]
     multi_hot: frozenset[str] = frozenset()
     offsets: tuple[int, ...] = ()  # per categorical column, subtracted from its keys; (): none
+    sizes_from: str = SCHEMA_FILE  # where the cardinalities are set (Schema.sizes_from)
 
     @classmethod
     def resolve(cls, schema: Schema, labels: list[str], dense: list[str], categorical: list[str],
@@ -118,6 +120,7 @@ class Columns:
             cardinality=tuple(schema.categorical[c] for c in categorical),
             multi_hot=frozenset(c for c in categorical if c in schema.multi_hot),
             offsets=tuple(schema.offsets.get(c, 0) for c in categorical) if schema.offsets else (),
+            sizes_from=schema.sizes_from,
         )
 
     @property

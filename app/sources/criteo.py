@@ -31,10 +31,10 @@ from typing import Callable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from app.data.errors import DataError
 from app.data.schema import Schema
+from app.sources.row_groups import RowGroupWriter
 from app.sources.tsv import Piece, parse_hex, pieces, read_batches
 
 MISSING_ID, RARE_ID = 0, 1
@@ -211,30 +211,13 @@ def convert_piece(piece: Piece, opts: Options, out_file: str) -> dict:
     """Writes the piece's rows to `out_file` in row groups of `opts.row_group_size`; returns
     its row count and label sums (no file when the piece holds no rows)."""
     names, types = _types(opts)
-    pending: list[pa.Table] = []
-    pending_rows, rows, writer = 0, 0, None
-    sums = np.zeros(len(opts.labels))
-    rgs = opts.row_group_size
-    try:
+    rows, sums = 0, np.zeros(len(opts.labels))
+    with RowGroupWriter(out_file, opts.row_group_size) as writer:
         for batch in read_batches(piece, names, types):
             table = convert_batch(batch, opts, _VOCAB, piece.where, first_line=rows + 1)
             sums += [np.sum(table.column(n).to_numpy()) for n in opts.labels]
             rows += table.num_rows
-            pending.append(table)
-            pending_rows += table.num_rows
-            if pending_rows >= rgs:  # write whole row groups, keep the remainder
-                full = pa.concat_tables(pending)
-                cut = pending_rows // rgs * rgs
-                writer = writer or pq.ParquetWriter(out_file, full.schema)
-                writer.write_table(full.slice(0, cut), row_group_size=rgs)
-                pending, pending_rows = [full.slice(cut)], pending_rows - cut
-        if pending_rows:
-            full = pa.concat_tables(pending)
-            writer = writer or pq.ParquetWriter(out_file, full.schema)
-            writer.write_table(full, row_group_size=rgs)
-    finally:
-        if writer is not None:
-            writer.close()
+            writer.write(table)
     return {"rows": rows, "label_sum": sums}
 
 

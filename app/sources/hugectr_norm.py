@@ -23,11 +23,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc  # noqa: F401  (pa.ipc)
-import pyarrow.parquet as pq
 
 from app.data.errors import DataError
 from app.data.hugectr import read_file_list, slot_offsets
 from app.data.schema import SCHEMA_FILE, Schema
+from app.sources.row_groups import RowGroupWriter
 
 log = logging.getLogger("app")
 
@@ -299,6 +299,31 @@ def _slot_ids(keys: np.ndarray, nnz: np.ndarray, k: int, sizes: list[int], offse
     return ids
 
 
+def _stage(path: Path, stage: Path, layout: NormLayout, floats: list[str], cats: list[str],
+           sizes: list[int], offsets: list[int], stats: list[SlotStats], chunk_bytes: int) -> int:
+    """One Norm file -> Arrow IPC at `stage`, unencoded (whether a slot is single-hot is known
+    only once every file is read); returns its rows, 0 without writing a file."""
+    writer, rows = None, 0
+    try:
+        for rec in read_norm(path, layout, chunk_bytes):
+            cols = {name: pa.array(np.ascontiguousarray(rec.floats[:, j])) for j, name in enumerate(floats)}
+            for k, (nnz, keys) in enumerate(rec.slots):
+                ids = _slot_ids(keys, nnz, k, sizes, offsets, path, rec.first)
+                stats[k].single_hot &= bool((nnz == 1).all())
+                if len(ids):
+                    stats[k].max_id = max(stats[k].max_id, int(ids.max()))
+                bounds = np.concatenate([[0], np.cumsum(nnz)]).astype(np.int32)
+                cols[cats[k]] = pa.ListArray.from_arrays(pa.array(bounds), pa.array(ids))
+            batch = pa.RecordBatch.from_pydict(cols)
+            writer = writer or pa.ipc.new_file(stage, batch.schema)
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
+
+
 def convert_norm(file_list: str | Path, out: str | Path, split: str, layout: NormLayout, *,
                  slot_sizes: list[int] | None = None, keys_have_offsets: bool = False,
                  label_names: list[str] | None = None, row_group_size: int = 65_536,
@@ -327,34 +352,20 @@ def convert_norm(file_list: str | Path, out: str | Path, split: str, layout: Nor
     folder.mkdir(parents=True, exist_ok=True)
     stats = [SlotStats() for _ in cats]
     staged, rows, start = [], 0, time.perf_counter()
-    for i, path in enumerate(files):
-        # staged as Arrow IPC (no encoding): whether a slot is single-hot is known only at the end
-        stage, writer = folder / f"part-{i}.arrow", None
-        try:
-            for rec in read_norm(path, layout, chunk_bytes):
-                cols: dict[str, pa.Array] = {}
-                for j, name in enumerate([*labels, *dense]):
-                    cols[name] = pa.array(np.ascontiguousarray(rec.floats[:, j]))
-                for k, (nnz, keys) in enumerate(rec.slots):
-                    ids = _slot_ids(keys, nnz, k, sizes, offsets, path, rec.first)
-                    stats[k].single_hot &= bool((nnz == 1).all())
-                    if len(ids):
-                        stats[k].max_id = max(stats[k].max_id, int(ids.max()))
-                    bounds = np.concatenate([[0], np.cumsum(nnz)]).astype(np.int32)
-                    cols[cats[k]] = pa.ListArray.from_arrays(pa.array(bounds), pa.array(ids))
-                batch = pa.RecordBatch.from_pydict(cols)
-                writer = writer or pa.ipc.new_file(stage, batch.schema)
-                writer.write_batch(batch)
-                rows += batch.num_rows
-        finally:
-            if writer is not None:
-                writer.close()
-        if writer is not None:  # a file of no records writes none
-            staged.append(stage)
-    single = [c for c, s in zip(cats, stats) if s.single_hot]
-    for stage in staged:
-        _write_parquet(stage, stage.with_suffix(".parquet"), single, row_group_size)
-        stage.unlink()
+    try:
+        for i, path in enumerate(files):
+            stage = folder / f"part-{i}.arrow"
+            n = _stage(path, stage, layout, [*labels, *dense], cats, sizes, offsets, stats, chunk_bytes)
+            if n:  # a file of no records writes none
+                staged.append(stage)
+                rows += n
+        single = [c for c, s in zip(cats, stats) if s.single_hot]
+        for stage in staged:
+            _write_parquet(stage, stage.with_suffix(".parquet"), single, row_group_size)
+            stage.unlink()
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # it was empty: the next run needs no --force
+        raise
     seconds = time.perf_counter() - start
     cardinality = sizes or [s.max_id + 1 for s in stats]
     for name, card in zip(cats, cardinality):
@@ -372,43 +383,10 @@ def convert_norm(file_list: str | Path, out: str | Path, split: str, layout: Nor
     return schema
 
 
-class _RowGroupWriter:
-    """Appends tables to one Parquet file in row groups of exactly `size` rows (the last
-    one shorter)."""
-
-    def __init__(self, path: Path, size: int):
-        self.path, self.size = path, size
-        self.pending: list[pa.Table] = []
-        self.rows, self.writer = 0, None
-
-    def __enter__(self):
-        return self
-
-    def write(self, table: pa.Table) -> None:
-        self.pending.append(table)
-        self.rows += table.num_rows
-        while self.rows >= self.size:
-            self._flush(self.size)
-
-    def _flush(self, n: int) -> None:
-        table = pa.concat_tables(self.pending)
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, table.schema)
-        self.writer.write_table(table.slice(0, n), row_group_size=n)
-        rest = table.slice(n)
-        self.pending, self.rows = ([rest] if rest.num_rows else []), rest.num_rows
-
-    def __exit__(self, *exc) -> None:
-        if exc[0] is None and self.rows:
-            self._flush(self.rows)
-        if self.writer is not None:
-            self.writer.close()
-
-
 def _write_parquet(stage: Path, target: Path, single_hot: list[str], row_group_size: int) -> None:
     """Staged Arrow IPC -> Parquet row groups of `row_group_size`, single-hot list columns
     (one id per row) as plain int64 columns."""
-    with pa.memory_map(str(stage)) as source, _RowGroupWriter(target, row_group_size) as writer:
+    with pa.memory_map(str(stage)) as source, RowGroupWriter(target, row_group_size) as writer:
         reader = pa.ipc.open_file(source)
         for i in range(reader.num_record_batches):
             table = pa.Table.from_batches([reader.get_batch(i)])

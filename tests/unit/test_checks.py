@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from app.data.checks import bad_rows, check_statistics
+from app.data.checks import bad_rows, check_statistics, statistics_problems
 from app.data.errors import DataError
 from app.data.loader import iter_batches
 from app.data.reader import ParquetBatches
@@ -212,11 +212,22 @@ def test_footer_statistics_name_bad_row_groups_without_decoding(tmp_path):
     dataset(tmp_path, rows(**with_value("c", 12, tp=pa.int64())), rows(**with_value("y", 3.0)))
     ids, labels = sorted((tmp_path / "train").glob("*.parquet"))
     columns = Columns.resolve(SCHEMA, ["y"], [], [], "test")
-    fails(r"part-0\.parquet: row group 1, column 'c': ids span \[4, 12\] but the schema gives "
-          r"cardinality 10", check_statistics, ids, pq.ParquetFile(ids).metadata, columns, ("binary",))
+    fails(r"part-0\.parquet: row group 1, column 'c': ids span \[4, 12\] but schema\.json gives "
+          r"cardinality 10 .*raise it there", check_statistics, ids, pq.ParquetFile(ids).metadata,
+          columns, ("binary",))
     fails(r"part-1\.parquet: row group 1, column 'y': labels span \[0.0, 3.0\] but a binary task",
           check_statistics, labels, pq.ParquetFile(labels).metadata, columns, ("binary",))
     check_statistics(labels, pq.ParquetFile(labels).metadata, columns, ("regression",))
+
+
+def test_statistics_problems_lists_every_bad_column_chunk(tmp_path):
+    ids = with_value("c", 12, tp=pa.int64())["c"].to_pylist()
+    ids[0] = -1
+    dataset(tmp_path, rows(c=pa.array(ids, pa.int64()), **with_value("y", 3.0, row=6)))
+    (path,) = (tmp_path / "train").glob("*.parquet")
+    found = list(statistics_problems(pq.ParquetFile(path).metadata,
+                                     Columns.resolve(SCHEMA, ["y"], [], [], "test"), ("binary",)))
+    assert [(i, name) for i, name, _ in found] == [(0, "c"), (1, "y"), (1, "c")]
 
 
 def test_bad_rows_multi_hot_and_strings():

@@ -45,7 +45,8 @@ def rows(n, seed):
 
 def write_split(folder, data, key_type, offsets, parts=(6, 5), names=None):
     """HugeCTR layout: Parquet files (columns x, a, y, b: roles by index), a file list with
-    one relative and one absolute path, and _metadata.json listing roles out of order."""
+    one relative and one absolute path, and _metadata.json as HugeCTR's generator and NVTabular
+    write it: file_stats names with the generator's output prefix, cats not in index order."""
     folder.mkdir(parents=True)
     start, listed, stats = 0, [], []
     for i, n in enumerate(parts):
@@ -58,11 +59,11 @@ def write_split(folder, data, key_type, offsets, parts=(6, 5), names=None):
         })
         pq.write_table(table, folder / f"{i}.parquet", row_group_size=4)
         listed.append(f"{i}.parquet" if i == 0 else str(folder / f"{i}.parquet"))
-        stats.append({"file_name": f"{i}.parquet", "num_rows": n})
+        stats.append({"file_name": f"./dcn_parquet/{folder.name}/{i}.parquet", "num_rows": n})
         start += n
     names = names or {"x": "x", "a": "a", "y": "y", "b": "b"}
     meta = {"file_stats": stats, "conts": [{"col_name": names["x"], "index": 0}],
-            "cats": [{"col_name": names["a"], "index": 1}, {"col_name": names["b"], "index": 3}],
+            "cats": [{"col_name": names["b"], "index": 3}, {"col_name": names["a"], "index": 1}],
             "labels": [{"col_name": names["y"], "index": 2}]}
     (folder / "_metadata.json").write_text(json.dumps(meta))
     (folder / "_file_list.txt").write_text(f"{len(parts)}\n" + "\n".join(listed) + "\n")
@@ -142,15 +143,64 @@ def test_row_count_mismatch_names_the_file(tmp_path):
         read_all(tmp_path, "train", Columns.resolve(schema, ["y"], [], [], where))
 
 
+def test_slot_sizes_pair_with_cats_in_index_order(tmp_path):
+    data = hugectr_dataset(tmp_path, with_offsets=True)  # cats list b (index 3) before a (index 1)
+    schema, where = load_schema(tmp_path, ["train", "val"], SIZES, True)
+    assert list(schema.categorical.items()) == [("a", 5), ("b", 7)]
+    assert schema.offsets == {"a": 0, "b": 5}
+    expect(read_all(tmp_path, "train", Columns.resolve(schema, ["y"], [], [], where)), data["train"])
+
+
+def test_ids_beyond_the_slot_size_array_name_it(tmp_path):
+    hugectr_dataset(tmp_path)
+    schema, where = load_schema(tmp_path, ["train", "val"], [5, 2])
+    with pytest.raises(DataError, match=r"column 'b': ids span \[\d, \d\] but data\.slot_size_array "
+                                        r"gives cardinality 2 .*raise it there"):
+        read_all(tmp_path, "train", Columns.resolve(schema, ["y"], [], [], where))
+
+
+def test_file_list_and_file_stats_as_the_generator_writes_them(tmp_path, caplog):
+    """The list beside the data folder, paths with the generator's prefix, every name twice."""
+    data = hugectr_dataset(tmp_path / "dcn_parquet")
+    names = [f"./dcn_parquet/train/{i}.parquet" for i in range(2)]
+    (tmp_path / "file_list.txt").write_text("2\n" + "\n".join(names * 2) + "\n")
+    with caplog.at_level(logging.WARNING, logger="app"):
+        schema, where = load_schema(tmp_path, ["file_list.txt"], SIZES)
+    assert "says 2 files; the 2 lines after them are ignored" in caplog.text
+    assert where == str(tmp_path / "dcn_parquet" / "train" / "_metadata.json")
+    expect(read_all(tmp_path, "file_list.txt", Columns.resolve(schema, ["y"], [], [], where)), data["train"])
+
+
+def test_file_stats_basenames_must_be_unique(tmp_path):
+    hugectr_dataset(tmp_path)
+    path = tmp_path / "train" / "_metadata.json"
+    meta = json.loads(path.read_text())
+    meta["file_stats"][1]["file_name"] = "./other/0.parquet"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"_metadata\.json: file_stats lists './dcn_parquet/train/0\.parquet' "
+                                        r"and './other/0\.parquet'"):
+        load_schema(tmp_path, ["train"], SIZES)
+
+
 def test_layout_errors(tmp_path):
     hugectr_dataset(tmp_path)
     listing = tmp_path / "train" / "_file_list.txt"
     listing.write_text("3\n0.parquet\n1.parquet\n")
     with pytest.raises(DataError, match="first line says 3 files but 2 paths follow"):
         read_file_list(listing)
+    listing.write_text("0\n")
+    with pytest.raises(DataError, match="number of files \\(at least 1\\)"):
+        read_file_list(listing)
     listing.write_text("1\nmissing.parquet\n")
     with pytest.raises(DataError, match="listed file missing.parquet is not under"):
         read_file_list(listing)
+    meta = json.loads((tmp_path / "val" / "_metadata.json").read_text())
+    meta["cats"][0]["index"] = 1
+    (tmp_path / "val" / "_metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="_metadata.json: cats columns 'b' and 'a' share index 1"):
+        load_schema(tmp_path, ["val"])
+    meta["cats"][0]["index"] = 3
+    (tmp_path / "val" / "_metadata.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match="slot_size_array has 3 sizes but .* lists 2"):
         load_schema(tmp_path, ["val"], [1, 2, 3])
     with pytest.raises(DataError, match="keys_have_offsets needs data.slot_size_array"):
@@ -195,12 +245,14 @@ def norm_records(n, seed, sizes=(4, 9, 6), offsets=(0, 0, 0)):
 
 
 def norm_files(tmp_path, records, **kw):
+    """Norm files and their list as HugeCTR's generator writes it: the count, then every path
+    (with the generator's `./` prefix) twice."""
     files = []
     for i, part in enumerate(records):
         files.append(tmp_path / f"part{i}.data")
         write_norm(files[-1], part, 1, 2, 3, **kw)
     listing = tmp_path / "file_list.txt"
-    listing.write_text(f"{len(files)}\n" + "\n".join(f.name for f in files) + "\n")
+    listing.write_text(f"{len(files)}\n" + "\n".join(f"./{f.name}" for f in files * 2) + "\n")
     return listing
 
 
@@ -223,6 +275,33 @@ def test_norm_converts_to_the_same_rows(tmp_path, checksum, i64):
     np.testing.assert_allclose(got["dense"], np.array([r[0][1:] for r in recs], np.float32))
     for k in range(3):
         assert got[f"c{k}"] == ([len(r[1][k]) for r in recs], [v for r in recs for v in r[1][k]])
+
+
+def test_norm_file_list_as_the_generator_writes_it(tmp_path, caplog):
+    recs = [norm_records(5, 7), norm_records(3, 8)]
+    listing = norm_files(tmp_path, recs)
+    with caplog.at_level(logging.WARNING, logger="app"):
+        schema = convert_norm(listing, tmp_path / "out", "train", NormLayout(1, 2, 3, False, None))
+    assert "says 2 files; the 2 lines after them are ignored, as HugeCTR does" in caplog.text
+    assert schema.meta["rows"] == {"train": 8}  # each file once
+    written = sorted(p.name for p in (tmp_path / "out" / "train").iterdir())
+    assert written == ["part-0.parquet", "part-1.parquet"]
+    listing.write_text("3\n./part0.data\n./part1.data\n")
+    with pytest.raises(DataError, match=r"file_list\.txt: first line says 3 files but 2 paths follow"):
+        convert_norm(listing, tmp_path / "out", "train", NormLayout(1, 2, 3, False, None), force=True)
+
+
+def test_failed_norm_conversion_leaves_nothing(tmp_path):
+    recs = [norm_records(6, 9), norm_records(4, 10)]
+    listing = norm_files(tmp_path, recs)
+    good = (tmp_path / "part1.data").read_bytes()
+    (tmp_path / "part1.data").write_bytes(good[:-3])
+    layout = NormLayout(1, 2, 3, False, None)
+    with pytest.raises(DataError, match=r"part1\.data: header says 4 records"):
+        convert_norm(listing, tmp_path / "out", "train", layout)
+    assert not (tmp_path / "out" / "train").exists()
+    (tmp_path / "part1.data").write_bytes(good)
+    assert convert_norm(listing, tmp_path / "out", "train", layout).meta["rows"] == {"train": 10}
 
 
 def test_norm_offsets_are_removed_and_checked(tmp_path):
