@@ -129,7 +129,7 @@ def main() -> None:
     say(f"{env.world_size} rank(s), {precision}, batch {args.batch_size}, {args.num_workers} workers; plan:")
     say("\n".join(sorted({f"  {p.sharding_type}/{p.compute_kernel}" for m in plan.plan.values()
                           for p in m.values()})))
-    pipeline = make_pipeline(cfg.train.pipeline, dmp, optimizer, env.device)  # -- --train.pipeline torchrec
+    pipeline = make_pipeline(cfg.train.pipeline, dmp, optimizer, env)  # -- --train.pipeline torchrec
     metrics = TrainMetrics(list(cfg.tasks), env.device)
     data = split_data(cfg, env, columns, cfg.data.train_split, train=True)
     parquet = (b for _ in itertools.count() for b in iter_batches(data, args.num_workers, cuda))
