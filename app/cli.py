@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 import warnings
 
 COMMANDS = {}
@@ -23,10 +24,19 @@ def command(fn):
     return fn
 
 
+def config_parser(fn, epilog: str = "") -> argparse.ArgumentParser:
+    """A command's parser whose --help also lists every config key (`app.config_help`)."""
+    from app.config_help import help_text
+
+    return argparse.ArgumentParser(prog=f"mmoe {fn.__name__}", description=fn.__doc__, allow_abbrev=False,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=(epilog + "\n\n" if epilog else "") + help_text())
+
+
 @command
 def train(argv: list[str]) -> None:
     """Train and evaluate: mmoe train [--config FILE] [--section.key value ...]"""
-    p = argparse.ArgumentParser(prog="mmoe train", description=train.__doc__)
+    p = config_parser(train)
     p.add_argument("--config", default="configs/census_mmoe.toml")
     args, overrides = p.parse_known_args(argv)
     from app.config import load_config
@@ -48,7 +58,7 @@ def train(argv: list[str]) -> None:
 @command
 def predict(argv: list[str]) -> None:
     """Score a split with a checkpoint: mmoe predict --checkpoint DIR --out DIR [--merge]"""
-    p = argparse.ArgumentParser(prog="mmoe predict", description=predict.__doc__)
+    p = config_parser(predict)
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder")
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True)
@@ -64,7 +74,7 @@ def predict(argv: list[str]) -> None:
 @command
 def eval(argv: list[str]) -> None:
     """Metrics of a checkpoint on a split: mmoe eval --checkpoint DIR [--split test]"""
-    p = argparse.ArgumentParser(prog="mmoe eval", description=eval.__doc__)
+    p = config_parser(eval)
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder")
     p.add_argument("--split", default="test")
     args, overrides = p.parse_known_args(argv)
@@ -106,12 +116,11 @@ def report(argv: list[str]) -> None:
 @command
 def plan(argv: list[str]) -> None:
     """Dry-run the sharding planner on any machine: mmoe plan --world-size N [--config FILE] [options]"""
-    p = argparse.ArgumentParser(
-        prog="mmoe plan", description=plan.__doc__, allow_abbrev=False,
-        epilog="Columns come from the config's data path (a data set, or a folder or file holding "
-               "schema.json), --schema, or --cardinality. --section.key value overrides the config, "
-               "e.g. --plan.tables.c3.compute_kernels '[\"fused_uvm_caching\"]'. "
-               "Train with the result: mmoe train --config FILE --plan.file plan.json")
+    p = config_parser(plan, epilog=textwrap.fill(
+        "Columns come from the config's data path (a data set, or a folder or file holding "
+        "schema.json), --schema, or --cardinality. --section.key value overrides the config, "
+        "e.g. --plan.tables.c3.compute_kernels '[\"fused_uvm_caching\"]'. "
+        "Train with the result: mmoe train --config FILE --plan.file plan.json", 100))
     p.add_argument("--config", default="configs/census_mmoe.toml")
     p.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) to plan for")
     p.add_argument("--local-world-size", type=int, default=8, help="ranks per host (default 8)")

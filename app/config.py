@@ -20,12 +20,12 @@ class DataConfig:
     # dataset folder holding schema.json and one folder per split, or HugeCTR's data folder
     # whose splits hold _file_list.txt and _metadata.json (app/data/hugectr.py)
     path: str = "data/census"
-    train_split: str = "train"
-    eval_split: str = "test"
-    dense: list[str] = field(default_factory=list)  # empty: every dense column of the schema
-    categorical: list[str] = field(default_factory=list)  # empty: every categorical column
-    batch_size: int = 1024  # per rank
-    eval_batch_size: int = 8192  # per rank
+    train_split: str = "train"  # split (folder or HugeCTR file list) to train on
+    eval_split: str = "test"  # split evaluated during and after training
+    dense: list[str] = field(default_factory=list)  # dense columns, in input order; empty: all of the schema
+    categorical: list[str] = field(default_factory=list)  # categorical columns (one table each); empty: all
+    batch_size: int = 1024  # train rows a step, per rank
+    eval_batch_size: int = 8192  # rows a scoring step, per rank
     num_workers: int = 0  # DataLoader worker processes per rank
     shuffle: bool = True  # shuffle row groups and rows within a window each epoch
     on_bad_rows: str = "error"  # "error" stops with file/row group/column; "skip" drops and counts
@@ -51,14 +51,14 @@ class TaskConfig:
 @dataclass
 class ModelConfig:
     head: str = "mmoe"  # "mmoe", "omoe" (one gate for all tasks), "shared_bottom", "cgc" or "ple"
-    embedding_dim: int = 16
+    embedding_dim: int = 16  # width of every embedding table
     num_experts: int = 3  # mmoe and omoe
     num_shared_experts: int = 2  # cgc and ple: experts every task's gate sees
     num_task_experts: int = 1  # cgc and ple: experts of each task, seen by its gate only
     num_levels: int = 2  # ple: extraction levels (cgc is one level)
-    expert_layers: list[int] = field(default_factory=lambda: [512, 256, 128])
-    tower_layers: list[int] = field(default_factory=lambda: [128, 64])
-    dropout: float = 0.0
+    expert_layers: list[int] = field(default_factory=lambda: [512, 256, 128])  # hidden sizes of each expert MLP
+    tower_layers: list[int] = field(default_factory=lambda: [128, 64])  # hidden sizes of each task tower (then 1)
+    dropout: float = 0.0  # dropout after each hidden layer of experts and towers
     activation: str = "relu"  # "relu", "gelu" or "silu"
     precision: str = "fp32"  # "bf16": autocast the dense head and towers (fp32 master weights)
     # torch.compile of all after the embedding lookup, head to loss, as one graph (a GPU step
@@ -76,19 +76,19 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     dense: str = "adam"  # "adam" or "sgd"
-    dense_lr: float = 1e-3
+    dense_lr: float = 1e-3  # learning rate of the dense layers
     sparse: str = "rowwise_adagrad"  # "adagrad", "rowwise_adagrad", "sgd" or "adam"
-    sparse_lr: float = 0.05
-    weight_decay: float = 0.0
+    sparse_lr: float = 0.05  # learning rate of the embedding tables
+    weight_decay: float = 0.0  # L2 penalty, dense and sparse
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1
+    epochs: int = 1  # passes over the train split
     max_steps: int = 0  # 0: run all epochs
     eval_every: int = 0  # steps between evaluations; 0: only at the end
-    log_every: int = 50
-    seed: int = 0
+    log_every: int = 50  # steps between train-metric log lines (each one reads the GPU once)
+    seed: int = 0  # initial weights, the epochs' row order and dropout
     run_dir: str = ""  # empty: runs/<config name>
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
@@ -131,7 +131,7 @@ class PlanConfig:
 
 @dataclass
 class Config:
-    name: str = "default"
+    name: str = "default"  # the run's name (default: the config file's); runs/<name> unless train.run_dir
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tasks: dict[str, TaskConfig] = field(default_factory=dict)

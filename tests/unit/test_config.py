@@ -1,3 +1,7 @@
+import dataclasses
+import json
+import typing
+
 import pytest
 
 from app.config import ConfigError, load_config, parse_overrides
@@ -87,3 +91,34 @@ def test_edges_of_the_ranges_load(tmp_path):
 def test_a_malformed_file_is_one_line_with_its_line_number(tmp_path):
     with pytest.raises(ConfigError, match=r"c.toml: not valid TOML: Invalid value \(at line 4, column 10\)"):
         load_config(write(tmp_path, BASE + "[train]\nepochs = \n"))
+
+
+def _leaf_keys(cls, prefix=""):
+    """Every config field as a dotted key, found independently of the help's own walk."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _leaf_keys(tp, f"{prefix}{f.name}.")
+        elif typing.get_origin(tp) is dict:
+            name = "<task>" if f.name == "tasks" else "<column>"
+            yield from _leaf_keys(typing.get_args(tp)[1], f"{prefix}{f.name}.{name}.")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "eval", "plan"])
+def test_help_lists_every_config_key_with_type_default_and_meaning(command, capsys):
+    from app.cli import main
+    from app.config import Config
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    for key, f in _leaf_keys(Config):
+        at = text.find(f"\n  {key}: ")
+        assert at >= 0, f"{key} is missing from `mmoe {command} --help`"
+        entry, meaning = text[at + 1:].split("\n")[:2]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert entry.endswith(f" = {json.dumps(default)}"), entry
+        assert meaning.startswith("      ") and meaning.strip(), f"{key} has no meaning in the help"
