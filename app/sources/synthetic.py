@@ -46,6 +46,12 @@ EFFECTS_PER_COLUMN = 1 << 17  # the hidden effect of id i is effect[i % this]: b
 CHUNK_ROWS = 1 << 16  # rows drawn at once inside a file (a multiple of the row group size)
 TRUTH_FILE = "truth.json"  # best AUC and label rates of a TSV data set
 DISTRIBUTIONS = ("skew", "uniform", "zipf")
+SHAPES = {  # --shape: rows of each table and ids of each row, per categorical column
+    # MLPerf DLRM-DCNv2's multi-hot Criteo 1TB: about 204M rows, 214 ids a row
+    "criteo1tb": ([40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40000000, 3067956, 405282, 10,
+                   2209, 11938, 155, 4, 976, 14, 40000000, 40000000, 40000000, 590152, 12973, 108, 36],
+                  [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1]),
+}
 
 
 @dataclass
@@ -319,8 +325,7 @@ def add_data_command(sub) -> None:
     p.add_argument("--out", default="data/debug")
     p.add_argument("--rows", default="20000,5000",
                    help="train,test rows, or split=rows pairs: train=1000000,valid=1000,test=5000")
-    p.add_argument("--cardinalities", default=",".join(["1000"] * 26),
-                   help="one vocabulary size per categorical column")
+    p.add_argument("--cardinalities", help="one vocabulary size per categorical column (default 26 of 1000)")
     p.add_argument("--dense", type=int, default=13)
     p.add_argument("--tasks", default="click,convert")
     p.add_argument("--correlation", type=float, default=0.5)
@@ -331,6 +336,9 @@ def add_data_command(sub) -> None:
     p.add_argument("--multi-hot", default="", help="column:mean length pairs, e.g. 3:4,7:2.5")
     p.add_argument("--multi-hot-sizes", default="",
                    help="every row's list length, one per column, e.g. 3,1,2: 1 is a single id (not a list)")
+    p.add_argument("--shape", choices=sorted(SHAPES),
+                   help="cardinalities and multi-hot sizes of a known data set; criteo1tb: MLPerf "
+                        "DLRM-DCNv2's (26 tables, about 204M rows, 214 ids a row)")
     p.add_argument("--files-per-split", type=int, default=1)
     p.add_argument("--row-group-size", type=int, default=4096)
     p.add_argument("--workers", type=int, default=1, help="processes writing files; same output for any")
@@ -349,19 +357,26 @@ def _parse_rows(text: str) -> dict[str, int]:
     return {k: int(v) for k, v in (pair.split("=") for pair in text.split(","))}
 
 
-def _parse_sizes(text: str, columns: int) -> dict[int, int]:
-    sizes = [int(x) for x in text.split(",")] if text else [1] * columns
-    if len(sizes) != columns:
-        raise DataError(f"--multi-hot-sizes has {len(sizes)} entries for {columns} columns; give one "
-                        "per column of --cardinalities (1: a single id)")
+def fixed_multi_hot(sizes: list[int]) -> dict[int, int]:
+    """Ids per row of each column (1: a single id) -> SyntheticSpec.multi_hot_sizes."""
     return {i: k for i, k in enumerate(sizes) if k != 1}
 
 
 def _run(args) -> None:
     multi_hot = {int(c): float(m) for c, m in (p.split(":") for p in args.multi_hot.split(",") if p)}
-    cardinalities = [int(x) for x in args.cardinalities.split(",")]
+    if args.shape:
+        if args.cardinalities or args.multi_hot_sizes:
+            raise DataError(f"--shape {args.shape} gives the cardinalities and multi-hot sizes; "
+                            "leave out --cardinalities and --multi-hot-sizes")
+        cardinalities, sizes = SHAPES[args.shape]
+    else:
+        cardinalities = [int(x) for x in (args.cardinalities or ",".join(["1000"] * 26)).split(",")]
+        sizes = [int(x) for x in args.multi_hot_sizes.split(",")] if args.multi_hot_sizes else [1] * len(cardinalities)
+    if len(sizes) != len(cardinalities):
+        raise DataError(f"--multi-hot-sizes has {len(sizes)} entries for {len(cardinalities)} columns; "
+                        "give one per column of --cardinalities (1: a single id)")
     spec = SyntheticSpec(rows=_parse_rows(args.rows), num_dense=args.dense, cardinalities=cardinalities,
-                         multi_hot=multi_hot, multi_hot_sizes=_parse_sizes(args.multi_hot_sizes, len(cardinalities)),
+                         multi_hot=multi_hot, multi_hot_sizes=fixed_multi_hot(sizes),
                          tasks=args.tasks.split(","), correlation=args.correlation, signal=args.signal,
                          distribution=args.distribution, skew=args.skew, zipf_alpha=args.zipf_alpha,
                          files_per_split=args.files_per_split, row_group_size=args.row_group_size,

@@ -11,13 +11,11 @@ from app.cli import main
 from app.data.errors import DataError
 from app.sources.criteo import Options, convert
 from app.data.schema import Schema
-from app.sources.synthetic import SyntheticSpec, _Truth, generate, generate_tsv, zipf_ids
+from app.sources.synthetic import (SHAPES, SyntheticSpec, _Truth, fixed_multi_hot, generate, generate_tsv,
+                                   zipf_ids)
 
 SMALL = dict(rows={"train": 3000, "test": 1000}, num_dense=3, cardinalities=[40, 300, 7])
-# MLPerf DLRM-DCNv2's Criteo 1TB tables and multi-hot sizes (configs/criteo1tb_mmoe.toml)
-CRITEO_1TB_ROWS = [40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40000000, 3067956, 405282, 10,
-                   2209, 11938, 155, 4, 976, 14, 40000000, 40000000, 40000000, 590152, 12973, 108, 36]
-CRITEO_1TB_SIZES = [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1]
+
 
 
 def tables(root, split):
@@ -176,9 +174,9 @@ def test_zipf_and_fixed_multi_hot_do_not_depend_on_the_worker_count(tmp_path):
 def test_the_criteo_1tb_shape_needs_no_memory_per_id(tmp_path):
     """40M-row tables: the hidden effects repeat every EFFECTS_PER_COLUMN ids and the ids are
     drawn in closed form, so a few thousand rows take tens of MiB, not a table per id."""
-    spec = SyntheticSpec(rows={"train": 2000, "test": 500}, cardinalities=CRITEO_1TB_ROWS,
-                         multi_hot_sizes={i: k for i, k in enumerate(CRITEO_1TB_SIZES) if k > 1},
-                         distribution="zipf")
+    rows, sizes = SHAPES["criteo1tb"]
+    spec = SyntheticSpec(rows={"train": 2000, "test": 500}, cardinalities=rows,
+                         multi_hot_sizes=fixed_multi_hot(sizes), distribution="zipf")
     tracemalloc.start()
     try:
         schema = generate(tmp_path, spec)
@@ -189,7 +187,8 @@ def test_the_criteo_1tb_shape_needs_no_memory_per_id(tmp_path):
     table = pq.read_table(tmp_path / "train")
     ids_per_row = sum(pc.list_flatten(table.column(c)).length() if c in schema.multi_hot else len(table)
                       for c in schema.categorical) / len(table)
-    assert ids_per_row == 214
+    assert ids_per_row == sum(sizes) == 214
+    assert len(rows) == 26 and sum(rows) == pytest.approx(204e6, rel=0.01)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -215,3 +214,16 @@ def test_command_line_multi_hot_sizes_and_zipf(tmp_path, capsys):
         main(["data", "synthetic", "--out", str(tmp_path), "--cardinalities", "10,20,30",
               "--multi-hot-sizes", "1,4"])
     assert "--multi-hot-sizes has 2 entries for 3 columns" in capsys.readouterr().err
+
+
+def test_command_line_shape(tmp_path, capsys, monkeypatch):
+    seen = []
+    monkeypatch.setattr("app.sources.synthetic.generate", lambda out, spec, workers: seen.append(spec) or Schema(
+        [], [], {}, meta={"best_auc": {"test": {}}}))
+    main(["data", "synthetic", "--out", str(tmp_path), "--shape", "criteo1tb", "--distribution", "zipf"])
+    rows, sizes = SHAPES["criteo1tb"]
+    assert seen[0].cardinalities == rows and seen[0].multi_hot_sizes == fixed_multi_hot(sizes)
+    assert seen[0].multi_hot_sizes[20] == 100 and 2 not in seen[0].multi_hot_sizes
+    with pytest.raises(SystemExit):
+        main(["data", "synthetic", "--out", str(tmp_path), "--shape", "criteo1tb", "--cardinalities", "10"])
+    assert "--shape criteo1tb gives the cardinalities" in capsys.readouterr().err
