@@ -251,8 +251,9 @@ def report(run: DryRun, max_groups: int = 12) -> str:
     out += ["", f"estimated embedding time per step (planner's model; dense layers not included): "
                 f"{totals[critical]:.3f} ms on critical-path rank {critical}; mean over ranks {mean:.3f} ms"
                 + (f" (critical is {(totals[critical] / mean - 1):.0%} above)" if mean else ""),
-            f"peak per rank: HBM {fmt_bytes(max(u.hbm for u in used))}, "
-            f"DDR {fmt_bytes(max(u.ddr for u in used))}"]
+            "peak per rank (mean over ranks): " + ", ".join(
+                f"{tier.upper()} {fmt_bytes(max(getattr(u, tier) for u in used))} "
+                f"({fmt_bytes(statistics.mean(getattr(u, tier) for u in used))})" for tier in ("hbm", "ddr"))]
     return "\n".join(out)
 
 

@@ -1,9 +1,23 @@
 """Synthetic Criteo-shape multi-task data with a known best achievable AUC, at any size.
 
-Labels come from a hidden ground-truth model: per task, a logit that is linear in the dense
-features plus one learnable effect per categorical id. Tasks share a fraction `correlation`
-of their weights, so task relatedness is a dial. The AUC of the true probabilities on each
-split is stored in the schema's meta as the ceiling a model can reach.
+Labels come from a hidden ground-truth model, drawn once from the seed. Task t's label is 1
+with probability sigmoid(z_t), where
+
+    z_t = signal * (w_t . dense + b_t + sum over columns c of effect_t,c[id mod 2**17])
+
+with dense features standard normal, w_t and the effects normal with variance
+1 / (dense columns + categorical columns), and b_t ~ N(-0.5, 0.3). A multi-hot column
+contributes the mean of its ids' effects. Ids i and i + 2**17 share an effect, so memory does
+not grow with the cardinality; an id carries signal only as far as a model sees it often
+enough, which power-law ids (the head) allow and uniform ids in a 40M-row table do not. Tasks
+share a fraction `correlation` of their weights and effects, so task relatedness is a dial.
+The AUC of the true probabilities on each split (on up to `auc_rows` rows) is stored in the
+schema's meta as `best_auc`, the ceiling a model can reach.
+
+Ids are drawn per column as `distribution` says: "skew" (floor(cardinality * u**skew), u
+uniform; the default), "uniform", or "zipf" (p(id) ~ (id + 1)**-zipf_alpha). Multi-hot columns
+hold lists whose lengths vary by row around a mean (`multi_hot`) or have one fixed length
+(`multi_hot_sizes`, as MLPerf's multi-hot Criteo 1TB).
 
 Each output file is drawn from its own generator seeded by (seed, split, file index), so a
 process pool can write files in parallel and the result does not depend on the number of
@@ -31,6 +45,13 @@ from app.data.schema import Schema
 EFFECTS_PER_COLUMN = 1 << 17  # the hidden effect of id i is effect[i % this]: bounded memory
 CHUNK_ROWS = 1 << 16  # rows drawn at once inside a file (a multiple of the row group size)
 TRUTH_FILE = "truth.json"  # best AUC and label rates of a TSV data set
+DISTRIBUTIONS = ("skew", "uniform", "zipf")
+SHAPES = {  # --shape: rows of each table and ids of each row, per categorical column
+    # MLPerf DLRM-DCNv2's multi-hot Criteo 1TB: about 204M rows, 214 ids a row
+    "criteo1tb": ([40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40000000, 3067956, 405282, 10,
+                   2209, 11938, 155, 4, 976, 14, 40000000, 40000000, 40000000, 590152, 12973, 108, 36],
+                  [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1]),
+}
 
 
 @dataclass
@@ -39,15 +60,34 @@ class SyntheticSpec:
     num_dense: int = 13
     cardinalities: list[int] = field(default_factory=lambda: [1000] * 26)
     multi_hot: dict[int, float] = field(default_factory=dict)  # column index -> mean list length
+    multi_hot_sizes: dict[int, int] = field(default_factory=dict)  # column index -> every list's length
     tasks: list[str] = field(default_factory=lambda: ["click", "convert"])
     correlation: float = 0.5  # shared fraction of the tasks' ground-truth weights
     signal: float = 1.5  # scale of the true logits; larger -> easier
     files_per_split: int = 1
     row_group_size: int = 4096
     seed: int = 0
+    distribution: str = "skew"  # of the ids: "skew", "uniform" or "zipf"
     skew: float = 3.0  # id = floor(cardinality * u**skew), u uniform: 1 is uniform, larger is more skewed
+    zipf_alpha: float = 1.05  # zipf: p(id) ~ (id + 1)**-zipf_alpha
     missing: float = 0.0  # TSV only: fraction of dense and categorical fields left empty
     auc_rows: int = 2_000_000  # best_auc uses at most this many rows per split (a sample of each file)
+
+    def check(self) -> None:
+        """Names the first setting that cannot be drawn."""
+        if self.distribution not in DISTRIBUTIONS:
+            raise DataError(f"distribution {self.distribution!r} is unknown; use one of {', '.join(DISTRIBUTIONS)}")
+        if self.distribution == "zipf" and self.zipf_alpha <= 0:
+            raise DataError(f"zipf_alpha is {self.zipf_alpha}; use a positive exponent, e.g. 1.05")
+        for i in [*self.multi_hot, *self.multi_hot_sizes]:
+            if not 0 <= i < len(self.cardinalities):
+                raise DataError(f"multi-hot column {i} does not exist; columns are 0..{len(self.cardinalities) - 1}")
+        both = sorted(set(self.multi_hot) & set(self.multi_hot_sizes))
+        if both:
+            raise DataError(f"column {both[0]} has a mean list length and a fixed one; give one of them")
+        bad = {i: k for i, k in self.multi_hot_sizes.items() if k < 1}
+        if bad:
+            raise DataError(f"multi-hot sizes {bad}: a list holds at least one id")
 
 
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -89,9 +129,28 @@ class _Truth:
         return self.signal * z
 
 
-def _ids(rng: np.random.Generator, n: int, card: int, skew: float) -> np.ndarray:
-    """Power-law ids: small ids are frequent, as in click logs."""
-    return np.minimum((card * rng.random(n) ** skew).astype(np.int64), card - 1)
+def _ids(rng: np.random.Generator, n: int, card: int, spec: SyntheticSpec) -> np.ndarray:
+    """n ids in [0, card) as `spec.distribution` says; but for "uniform", small ids are the
+    frequent ones, as in click logs."""
+    if spec.distribution == "uniform":
+        return rng.integers(0, card, n)
+    if spec.distribution == "zipf":
+        return zipf_ids(rng.random(n), card, spec.zipf_alpha)
+    return np.minimum((card * rng.random(n) ** spec.skew).astype(np.int64), card - 1)
+
+
+def zipf_ids(u: np.ndarray, card: int, alpha: float) -> np.ndarray:
+    """Uniform u in [0, 1) -> ids in [0, card) with p(id) ~ (id + 1)**-alpha: the inverse CDF of
+    the density x**-alpha on [0.5, card + 0.5), rounded (the midpoint rule keeps p(0) within
+    about 10% of the discrete law's, and the rest closer). A closed form: no per-id table,
+    however large `card`."""
+    lo, hi = 0.5, card + 0.5
+    if alpha == 1:
+        x = lo * (hi / lo) ** u
+    else:
+        a = 1 - alpha
+        x = (lo**a + u * (hi**a - lo**a)) ** (1 / a)
+    return np.clip((x - 0.5).astype(np.int64), 0, card - 1)
 
 
 @dataclass
@@ -105,9 +164,10 @@ class _Chunk:
 
 def _draw(spec: SyntheticSpec, truth: _Truth, rng: np.random.Generator, n: int) -> _Chunk:
     dense = rng.normal(size=(n, spec.num_dense)).astype(np.float32)
-    lengths = [rng.poisson(spec.multi_hot[i] - 1, n) + 1 if i in spec.multi_hot else None
+    lengths = [np.full(n, spec.multi_hot_sizes[i]) if i in spec.multi_hot_sizes else
+               rng.poisson(spec.multi_hot[i] - 1, n) + 1 if i in spec.multi_hot else None
                for i in range(len(spec.cardinalities))]
-    ids = [_ids(rng, n if ln is None else int(ln.sum()), card, spec.skew)
+    ids = [_ids(rng, n if ln is None else int(ln.sum()), card, spec)
            for ln, card in zip(lengths, spec.cardinalities)]
     prob = 1 / (1 + np.exp(-truth.logits(dense, ids, lengths)))
     labels = (rng.random(prob.shape) < prob).astype(np.float32)
@@ -200,7 +260,8 @@ def _write_file(spec: SyntheticSpec, split: str, index: int, rows: int, path: Pa
 
 def _write_all(out: Path, spec: SyntheticSpec, fmt: str, workers: int, gzip: bool = False) -> dict:
     """Every split's files, through a pool of `workers` processes; returns the meta."""
-    if spec.multi_hot and fmt == "tsv":
+    spec.check()
+    if (spec.multi_hot or spec.multi_hot_sizes) and fmt == "tsv":
         raise DataError("multi-hot columns have no Criteo TSV form; write Parquet instead")
     jobs = []
     for split, rows in spec.rows.items():
@@ -244,7 +305,8 @@ def generate(out: str | Path, spec: SyntheticSpec, workers: int = 1) -> Schema:
     cat_names = [f"c{i}" for i in range(len(spec.cardinalities))]
     schema = Schema(labels=list(spec.tasks), dense=[f"d{i}" for i in range(spec.num_dense)],
                     categorical=dict(zip(cat_names, spec.cardinalities)),
-                    multi_hot=[cat_names[i] for i in sorted(spec.multi_hot)], meta=meta)
+                    multi_hot=[cat_names[i] for i in sorted({*spec.multi_hot, *spec.multi_hot_sizes})],
+                    meta=meta)
     schema.save(out)
     return schema
 
@@ -263,14 +325,20 @@ def add_data_command(sub) -> None:
     p.add_argument("--out", default="data/debug")
     p.add_argument("--rows", default="20000,5000",
                    help="train,test rows, or split=rows pairs: train=1000000,valid=1000,test=5000")
-    p.add_argument("--cardinalities", default=",".join(["1000"] * 26),
-                   help="one vocabulary size per categorical column")
+    p.add_argument("--cardinalities", help="one vocabulary size per categorical column (default 26 of 1000)")
     p.add_argument("--dense", type=int, default=13)
     p.add_argument("--tasks", default="click,convert")
     p.add_argument("--correlation", type=float, default=0.5)
     p.add_argument("--signal", type=float, default=1.5, help="scale of the true logits; larger is easier")
-    p.add_argument("--skew", type=float, default=3.0, help="id = floor(cardinality * u**skew); 1 is uniform")
+    p.add_argument("--distribution", choices=DISTRIBUTIONS, default="skew", help="of the ids (default skew)")
+    p.add_argument("--skew", type=float, default=3.0, help="skew: id = floor(cardinality * u**skew); 1 is uniform")
+    p.add_argument("--zipf-alpha", type=float, default=1.05, help="zipf: p(id) ~ (id + 1)**-alpha")
     p.add_argument("--multi-hot", default="", help="column:mean length pairs, e.g. 3:4,7:2.5")
+    p.add_argument("--multi-hot-sizes", default="",
+                   help="every row's list length, one per column, e.g. 3,1,2: 1 is a single id (not a list)")
+    p.add_argument("--shape", choices=sorted(SHAPES),
+                   help="cardinalities and multi-hot sizes of a known data set; criteo1tb: MLPerf "
+                        "DLRM-DCNv2's (26 tables, about 204M rows, 214 ids a row)")
     p.add_argument("--files-per-split", type=int, default=1)
     p.add_argument("--row-group-size", type=int, default=4096)
     p.add_argument("--workers", type=int, default=1, help="processes writing files; same output for any")
@@ -289,13 +357,30 @@ def _parse_rows(text: str) -> dict[str, int]:
     return {k: int(v) for k, v in (pair.split("=") for pair in text.split(","))}
 
 
+def fixed_multi_hot(sizes: list[int]) -> dict[int, int]:
+    """Ids per row of each column (1: a single id) -> SyntheticSpec.multi_hot_sizes."""
+    return {i: k for i, k in enumerate(sizes) if k != 1}
+
+
 def _run(args) -> None:
     multi_hot = {int(c): float(m) for c, m in (p.split(":") for p in args.multi_hot.split(",") if p)}
-    spec = SyntheticSpec(rows=_parse_rows(args.rows), num_dense=args.dense,
-                         cardinalities=[int(x) for x in args.cardinalities.split(",")],
-                         multi_hot=multi_hot, tasks=args.tasks.split(","), correlation=args.correlation,
-                         signal=args.signal, skew=args.skew, files_per_split=args.files_per_split,
-                         row_group_size=args.row_group_size, missing=args.missing, seed=args.seed)
+    if args.shape:
+        if args.cardinalities or args.multi_hot_sizes:
+            raise DataError(f"--shape {args.shape} gives the cardinalities and multi-hot sizes; "
+                            "leave out --cardinalities and --multi-hot-sizes")
+        cardinalities, sizes = SHAPES[args.shape]
+    else:
+        cardinalities = [int(x) for x in (args.cardinalities or ",".join(["1000"] * 26)).split(",")]
+        sizes = [int(x) for x in args.multi_hot_sizes.split(",")] if args.multi_hot_sizes else [1] * len(cardinalities)
+    if len(sizes) != len(cardinalities):
+        raise DataError(f"--multi-hot-sizes has {len(sizes)} entries for {len(cardinalities)} columns; "
+                        "give one per column of --cardinalities (1: a single id)")
+    spec = SyntheticSpec(rows=_parse_rows(args.rows), num_dense=args.dense, cardinalities=cardinalities,
+                         multi_hot=multi_hot, multi_hot_sizes=fixed_multi_hot(sizes),
+                         tasks=args.tasks.split(","), correlation=args.correlation, signal=args.signal,
+                         distribution=args.distribution, skew=args.skew, zipf_alpha=args.zipf_alpha,
+                         files_per_split=args.files_per_split, row_group_size=args.row_group_size,
+                         missing=args.missing, seed=args.seed)
     if args.format == "tsv":
         meta = generate_tsv(args.out, spec, workers=args.workers, gzip=args.gzip)
     else:

@@ -169,6 +169,8 @@ def test_report_groups_ranks_and_names_the_critical_rank():
     busiest = max(range(16), key=lambda r: sum(s.perf.total for o in run.options for s in o.shards
                                                 if s.rank == r))
     assert f"critical-path rank {busiest};" in text
+    hbm = [sum(s.storage.hbm for o in run.options for s in o.shards if s.rank == r) for r in range(16)]
+    assert f"peak per rank (mean over ranks): HBM {dry.fmt_bytes(max(hbm))} ({dry.fmt_bytes(sum(hbm) / 16)})" in text
 
 
 def test_cli_plan_writes_a_plan_training_can_load(tmp_path, capsys):

@@ -1,16 +1,21 @@
 import gzip
 import json
+import tracemalloc
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from app.cli import main
+from app.data.errors import DataError
 from app.sources.criteo import Options, convert
 from app.data.schema import Schema
-from app.sources.synthetic import SyntheticSpec, _Truth, generate, generate_tsv
+from app.sources.synthetic import (SHAPES, SyntheticSpec, _Truth, fixed_multi_hot, generate, generate_tsv,
+                                   zipf_ids)
 
 SMALL = dict(rows={"train": 3000, "test": 1000}, num_dense=3, cardinalities=[40, 300, 7])
+
 
 
 def tables(root, split):
@@ -114,3 +119,111 @@ def test_command_line_writes_both_formats(tmp_path, capsys):
           "--cardinalities", "10,20", "--dense", "2"])
     assert (tmp_path / "tsv" / "test" / "part-00000.tsv").exists()
     assert "best achievable" in capsys.readouterr().out
+
+
+def test_fixed_multi_hot_sizes_give_every_row_that_many_ids(tmp_path):
+    spec = SyntheticSpec(multi_hot_sizes={0: 3, 1: 100}, distribution="zipf", **SMALL)
+    schema = generate(tmp_path, spec)
+    assert schema.multi_hot == ["c0", "c1"]
+    table = pq.read_table(tmp_path / "train")
+    for column, size, card in (("c0", 3, 40), ("c1", 100, 300)):
+        lengths = pc.list_value_length(table.column(column)).to_numpy()
+        assert (lengths == size).all(), (column, np.unique(lengths))
+        ids = pc.list_flatten(table.column(column)).to_numpy()
+        assert ids.min() >= 0 and ids.max() < card
+    assert str(table.schema.field("c2").type) == "int64"
+    assert all(0.6 < auc < 1.0 for auc in schema.meta["best_auc"]["test"].values())
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 1.05])
+def test_zipf_ids_follow_the_power_law(alpha):
+    ids = zipf_ids(np.random.default_rng(0).random(1_000_000), 1000, alpha)
+    assert ids.min() == 0 and ids.max() == 999
+    counts = np.bincount(ids, minlength=1000)
+    ranks = np.arange(10, 500)  # log p(id) against log(id + 1) is a line of slope -alpha
+    slope = np.polyfit(np.log(ranks + 1), np.log(counts[ranks]), 1)[0]
+    assert slope == pytest.approx(-alpha, abs=0.03)
+
+
+def test_zipf_ids_of_a_large_table_are_skewed_and_in_range():
+    card = 40_000_000
+    ids = zipf_ids(np.random.default_rng(0).random(1_000_000), card, 1.05)
+    assert ids.min() >= 0 and ids.max() < card
+    assert np.mean(ids < card // 100) > 0.7  # the top 1% of ids: over 70% of the draws
+    uniform = np.random.default_rng(0).random(1_000_000)
+    assert np.mean(zipf_ids(uniform, 7, 1.05) < 7) == 1.0
+
+
+def test_uniform_ids_are_not_skewed(tmp_path):
+    generate(tmp_path, SyntheticSpec(distribution="uniform", **SMALL))
+    ids = pq.read_table(tmp_path / "train").column("c1").to_numpy()
+    assert ids.min() >= 0 and ids.max() < 300
+    assert np.mean(ids < 30) == pytest.approx(0.1, abs=0.02)
+
+
+def test_zipf_and_fixed_multi_hot_do_not_depend_on_the_worker_count(tmp_path):
+    spec = SyntheticSpec(files_per_split=3, row_group_size=256, multi_hot_sizes={1: 5},
+                         distribution="zipf", zipf_alpha=1.2, **SMALL)
+    one, two = generate(tmp_path / "one", spec, workers=1), generate(tmp_path / "two", spec, workers=2)
+    assert one.meta == two.meta
+    for split in spec.rows:
+        a, b = tables(tmp_path / "one", split), tables(tmp_path / "two", split)
+        assert len(a) == 3 and all(x.equals(y) for x, y in zip(a, b))
+
+
+def test_the_criteo_1tb_shape_needs_no_memory_per_id(tmp_path):
+    """40M-row tables: the hidden effects repeat every EFFECTS_PER_COLUMN ids and the ids are
+    drawn in closed form, so a few thousand rows take tens of MiB, not a table per id."""
+    rows, sizes = SHAPES["criteo1tb"]
+    spec = SyntheticSpec(rows={"train": 2000, "test": 500}, cardinalities=rows,
+                         multi_hot_sizes=fixed_multi_hot(sizes), distribution="zipf")
+    tracemalloc.start()
+    try:
+        schema = generate(tmp_path, spec)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100 * 2**20, f"{peak / 2**20:.0f} MiB"  # one array of 40M int64 alone is 305 MiB
+    table = pq.read_table(tmp_path / "train")
+    ids_per_row = sum(pc.list_flatten(table.column(c)).length() if c in schema.multi_hot else len(table)
+                      for c in schema.categorical) / len(table)
+    assert ids_per_row == sum(sizes) == 214
+    assert len(rows) == 26 and sum(rows) == pytest.approx(204e6, rel=0.01)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(distribution="pareto"), "distribution 'pareto' is unknown"),
+    (dict(distribution="zipf", zipf_alpha=0.0), "zipf_alpha is 0.0"),
+    (dict(multi_hot={1: 2.0}, multi_hot_sizes={1: 3}), "column 1 has a mean list length and a fixed one"),
+    (dict(multi_hot_sizes={3: 2}), "multi-hot column 3 does not exist; columns are 0..2"),
+    (dict(multi_hot_sizes={0: 0}), "a list holds at least one id"),
+])
+def test_settings_that_cannot_be_drawn_are_named(tmp_path, change, message):
+    with pytest.raises(DataError, match=message):
+        generate(tmp_path, SyntheticSpec(**SMALL, **change))
+
+
+def test_command_line_multi_hot_sizes_and_zipf(tmp_path, capsys):
+    main(["data", "synthetic", "--out", str(tmp_path), "--rows", "300,100", "--cardinalities", "10,20,1000",
+          "--dense", "2", "--multi-hot-sizes", "1,4,2", "--distribution", "zipf", "--zipf-alpha", "1.5"])
+    schema = Schema.load(tmp_path)
+    assert schema.multi_hot == ["c1", "c2"]
+    assert schema.meta["spec"]["multi_hot_sizes"] == {"1": 4, "2": 2}
+    assert (schema.meta["spec"]["distribution"], schema.meta["spec"]["zipf_alpha"]) == ("zipf", 1.5)
+    with pytest.raises(SystemExit):
+        main(["data", "synthetic", "--out", str(tmp_path), "--cardinalities", "10,20,30",
+              "--multi-hot-sizes", "1,4"])
+    assert "--multi-hot-sizes has 2 entries for 3 columns" in capsys.readouterr().err
+
+
+def test_command_line_shape(tmp_path, capsys, monkeypatch):
+    seen = []
+    monkeypatch.setattr("app.sources.synthetic.generate", lambda out, spec, workers: seen.append(spec) or Schema(
+        [], [], {}, meta={"best_auc": {"test": {}}}))
+    main(["data", "synthetic", "--out", str(tmp_path), "--shape", "criteo1tb", "--distribution", "zipf"])
+    rows, sizes = SHAPES["criteo1tb"]
+    assert seen[0].cardinalities == rows and seen[0].multi_hot_sizes == fixed_multi_hot(sizes)
+    assert seen[0].multi_hot_sizes[20] == 100 and 2 not in seen[0].multi_hot_sizes
+    with pytest.raises(SystemExit):
+        main(["data", "synthetic", "--out", str(tmp_path), "--shape", "criteo1tb", "--cardinalities", "10"])
+    assert "--shape criteo1tb gives the cardinalities" in capsys.readouterr().err
