@@ -33,8 +33,7 @@ def test_output_does_not_depend_on_the_worker_count(tmp_path):
     assert sum(t.num_rows for t in a) == 1000
     first = next((tmp_path / "one" / "train").glob("*.parquet"))
     assert pq.ParquetFile(first).metadata.row_group(0).num_rows == 256
-    other = generate(tmp_path / "other",
-                     SyntheticSpec(seed=1, files_per_split=3, row_group_size=256, **SMALL))
+    generate(tmp_path / "other", SyntheticSpec(seed=1, files_per_split=3, row_group_size=256, **SMALL))
     assert not tables(tmp_path / "other", "train")[0].equals(tables(tmp_path / "one", "train")[0])
 
 
