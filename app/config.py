@@ -52,6 +52,9 @@ class TaskConfig:
 class ModelConfig:
     head: str = "mmoe"  # "mmoe", "omoe" (one gate for all tasks), "shared_bottom", "cgc" or "ple"
     embedding_dim: int = 16  # width of every embedding table
+    # "fp16": tables in half precision (half the memory and the bandwidth of the lookups; the
+    # fused optimizer keeps its per-row state in fp32), pooled in fp32
+    embedding_dtype: str = "fp32"
     num_experts: int = 3  # mmoe and omoe
     num_shared_experts: int = 2  # cgc and ple: experts every task's gate sees
     num_task_experts: int = 1  # cgc and ple: experts of each task, seen by its gate only
@@ -94,6 +97,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 3  # newest complete checkpoints kept (and the best one, see early_stop); 0: all
     resume: bool = True  # continue from RUN_DIR/checkpoints/latest when there is one
+    # false: no checkpoint at all, not even at the end (benchmarks, tables too large for the
+    # disk): such a run cannot resume, and early_stop keeps no best one
+    checkpoints: bool = True
     # start over in a run directory that holds checkpoints, deleting them (and its metrics and
     # summary); without it, resume = false there is an error
     overwrite: bool = False
@@ -269,6 +275,7 @@ def validate(cfg: Config) -> None:
         "model.loss_balancing": (cfg.model.loss_balancing, ("fixed", "uncertainty", "gradnorm")),
         "model.activation": (cfg.model.activation, ("relu", "gelu", "silu")),
         "model.precision": (cfg.model.precision, ("fp32", "bf16")),
+        "model.embedding_dtype": (cfg.model.embedding_dtype, ("fp32", "fp16")),
         "model.compile": (cfg.model.compile, ("auto", "off", "default", "reduce-overhead")),
         "optim.dense": (cfg.optim.dense, ("adam", "sgd")),
         "optim.sparse": (cfg.optim.sparse, ("adagrad", "rowwise_adagrad", "sgd", "adam")),

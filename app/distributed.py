@@ -109,7 +109,10 @@ class StopSignal:
         self.raised = True
 
     def agreed(self, env: Env) -> bool:
-        """True on every rank once any rank got the signal (a collective)."""
-        flag = torch.tensor([float(self.raised)], device=env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        """True on every rank once any rank got the signal: the ranks' hosts agree over
+        `env.host_group`, without waiting for the GPU."""
+        if env.world_size == 1:
+            return self.raised
+        flag = torch.tensor([int(self.raised)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=env.host_group)
         return bool(flag.item())

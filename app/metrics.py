@@ -15,10 +15,7 @@ from app.config import TaskConfig
 
 
 class TrainMetrics:
-    """Running sums of per-task losses (and gate statistics) since the last read.
-
-    Updates stay on the device; `read` is the one host sync, made on log steps only.
-    """
+    """Running sums of per-task losses (and gate statistics) since the last `take`, on the device."""
 
     def __init__(self, tasks: list[str], device: torch.device):
         self.tasks = tasks
@@ -32,20 +29,20 @@ class TrainMetrics:
             self.gates = gates.clone() if self.gates is None else self.gates + gates
         self.steps += 1
 
-    def read(self, group_mean=lambda t: t) -> dict[str, float]:
-        """Means since the last read; `group_mean` averages a tensor over ranks."""
+    def take(self) -> tuple[torch.Tensor, list[str]]:
+        """(means since the last take, still on the device, and their names); starts over. The
+        caller reads them (a host sync) when it likes."""
         n = max(self.steps, 1)
-        out: dict[str, float] = {}
-        losses = group_mean(self.losses / n).tolist()
-        out.update({f"train/{t}/loss": v for t, v in zip(self.tasks, losses)})
+        names = [f"train/{t}/loss" for t in self.tasks]
+        parts = [self.losses / n]
         if self.gates is not None:
-            gates = group_mean(self.gates / n).tolist()
-            for t, row in zip(self.tasks, gates):
-                out.update({f"train/{t}/gate_e{k}": v for k, v in enumerate(row[:-1])})
-                out[f"train/{t}/gate_entropy"] = row[-1]
+            experts = self.gates.shape[1] - 1
+            names += [f"train/{t}/{k}" for t in self.tasks
+                      for k in [*(f"gate_e{e}" for e in range(experts)), "gate_entropy"]]
+            parts.append(self.gates.flatten() / n)
         self.losses.zero_()
         self.gates, self.steps = None, 0
-        return out
+        return torch.cat(parts), names
 
 
 class EvalMetrics(nn.Module):

@@ -16,7 +16,7 @@ import math
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -36,6 +36,9 @@ class Outputs(NamedTuple):
     row_ids: torch.Tensor  # [B] the rows' indices in their split
 
 
+TABLE_DTYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}  # model.embedding_dtype
+
+
 def table_name(feature: str) -> str:
     return f"t_{feature}"
 
@@ -47,12 +50,12 @@ class SparseArch(nn.Module):
     each rank owns.
     """
 
-    def __init__(self, columns: Columns, dim: int, device: torch.device | str = "meta"):
+    def __init__(self, columns: Columns, dim: int, device: torch.device | str = "meta", dtype: str = "fp32"):
         super().__init__()
         self.ebc = EmbeddingBagCollection(
             tables=[
                 EmbeddingBagConfig(name=table_name(f), embedding_dim=dim, num_embeddings=n,
-                                   feature_names=[f], pooling=PoolingType.SUM)
+                                   feature_names=[f], pooling=PoolingType.SUM, data_type=TABLE_DTYPES[dtype])
                 for f, n in zip(columns.categorical, columns.cardinality)
             ],
             device=torch.device(device),
@@ -139,7 +142,7 @@ class MultiTaskModel(nn.Module):
         self.task_names = list(tasks)
         self.cfg = cfg  # MultiTaskTrain reads the loss balancing from it
         self.chains = chain_order(tasks)
-        self.sparse = SparseArch(columns, cfg.embedding_dim)
+        self.sparse = SparseArch(columns, cfg.embedding_dim, dtype=cfg.embedding_dtype)
         self.inputs = DenseInput(list(columns.categorical))
         in_dim = len(columns.categorical) * cfg.embedding_dim + len(columns.dense)
         self.head = HEADS[cfg.head](in_dim, len(tasks), cfg).to(device)

@@ -21,6 +21,18 @@ log = logging.getLogger("app")
 SKIPPED_WARNING = 0.01  # share of skipped train rows that gets a warning
 
 
+def _to_host(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A copy of `values` in host memory, made without waiting for the GPU, and the event that
+    marks it done (None: already done)."""
+    if not values.is_cuda:
+        return values, None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
+
+
 class RunLog:
     """Rank 0's record of a run: RUN_DIR/metrics.jsonl lines and TensorBoard scalars."""
 
@@ -50,8 +62,11 @@ class RunLog:
 
 class Progress:
     """Per step: train metrics accumulated on the device, the bar moved. On log steps (every
-    `log_every`): the metrics read (the one host sync), with samples/s and step time since the
-    last log step, written and shown. Segments (`start`, `end`) time the training alone.
+    `log_every`): samples/s and step time since the last log step, and the metrics averaged over
+    the ranks on the device and copied to the host without waiting; they are written and shown
+    at the next log step (or the segment's end), when the copy is long done, so that the host
+    never waits for the GPU and can stay steps ahead of it. Segments (`start`, `end`) time the
+    training alone.
 
     With `skip_limit` (data.on_bad_rows = "skip"), rows skipped as bad input (weight 0) are
     counted too: a warning past 1% of the train rows read since the run started or resumed,
@@ -69,10 +84,8 @@ class Progress:
         self.skip_limit, self.failure = skip_limit, None
         self._skipped = torch.zeros((), dtype=torch.int64, device=env.device) if skip_limit is not None else None
         self._rows = 0  # this rank's, since the last log step
+        self._pending = None  # the last log step's record, its numbers on their way to the host
         self.skipped_rows = self.read_rows = 0  # over all ranks, as of the last log step
-
-    def _group_mean(self, t: torch.Tensor) -> torch.Tensor:
-        return self._group_sum(t) / self.env.world_size
 
     def start(self, step: int) -> None:
         self.start_time = self.log_time = time.perf_counter()
@@ -87,28 +100,42 @@ class Progress:
         self.bar.update()
         if step % self.log_every:
             return False
+        self._write_pending()
         now = time.perf_counter()
         rate = (step - self.log_step) * self.global_batch / (now - self.log_time)
         record = {"epoch": epoch, "samples_per_sec": rate,
-                  "step_time_ms": 1000 * (now - self.log_time) / (step - self.log_step),
-                  **self.metrics.read(self._group_mean)}
+                  "step_time_ms": 1000 * (now - self.log_time) / (step - self.log_step)}
         if self.env.device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
+        values, names = self.metrics.take()
+        values = values.double()
         if self._skipped is not None:
-            record.update(self._count_skipped())
-        self.log.write(step, record)
-        self.last_log, self.log_time, self.log_step = record, now, step
-        self.bar.set_postfix(loss=f"{sum(record[f'train/{t}/loss'] for t in self.tasks):.4f}",
-                             samples_s=f"{rate:,.0f}")
+            values = torch.cat([values, self._skipped.double().view(1), values.new_tensor([self._rows])])
+            self._skipped.zero_()
+            self._rows = 0
+        self._pending = (step, record, names, _to_host(self._group_sum(values)))
+        self.log_time, self.log_step = now, step
         return True
 
-    def _count_skipped(self) -> dict[str, float]:
-        counts = self._group_sum(torch.stack([self._skipped, torch.tensor(self._rows, device=self._skipped.device,
-                                                                          dtype=self._skipped.dtype)]))
-        self._skipped.zero_()
-        self._rows = 0
+    def _write_pending(self) -> None:
+        """Writes the last log step's record, once its numbers are on the host."""
+        if self._pending is None:
+            return
+        step, record, names, (host, copied) = self._pending
+        self._pending = None
+        if copied is not None:
+            copied.synchronize()  # made a log interval ago: done, unless the GPU fell that far behind
+        values = host.tolist()
+        record.update({k: v / self.env.world_size for k, v in zip(names, values)})  # means over the ranks
+        if self._skipped is not None:
+            record.update(self._count_skipped(*values[len(names):]))
+        self.log.write(step, record)
+        self.last_log = record
+        self.bar.set_postfix(loss=f"{sum(record[f'train/{t}/loss'] for t in self.tasks):.4f}",
+                             samples_s=f"{record['samples_per_sec']:,.0f}")
+
+    def _count_skipped(self, skipped: float, rows: float) -> dict[str, float]:
         before = self.skipped_rows / max(self.read_rows, 1)
-        skipped, rows = counts.tolist()
         self.skipped_rows, self.read_rows = self.skipped_rows + int(skipped), self.read_rows + int(rows)
         share = self.skipped_rows / self.read_rows
         if share > self.skip_limit:
@@ -127,6 +154,7 @@ class Progress:
         return t
 
     def end(self, step: int) -> None:
+        self._write_pending()
         self.train_time += time.perf_counter() - self.start_time
         self.samples += (step - self.start_step) * self.global_batch
 
@@ -137,6 +165,7 @@ class Progress:
                 f"{k}={v:.4f}" for k, v in result.items() if k.endswith(("auc", "logloss", "rmse"))))
 
     def close(self) -> None:
+        self._write_pending()
         self.bar.close()
         self.log.close()
 

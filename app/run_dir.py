@@ -30,8 +30,9 @@ RESUMABLE = ("name", "data.path", "data.eval_split", "data.batch_size", "data.ev
              "data.num_workers", "data.on_bad_rows", "data.max_skipped_fraction", "model.compile",
              "model.precision", "train.epochs", "train.max_steps", "train.eval_every", "train.log_every",
              "train.run_dir", "train.device", "train.checkpoint_every", "train.keep_checkpoints",
-             "train.resume", "train.overwrite", "train.tensorboard", "train.gate_stats", "train.gc_every",
-             "train.pipeline", "train.early_stop", "train.patience", "train.eval_auc_bins", "plan")
+             "train.resume", "train.overwrite", "train.checkpoints", "train.tensorboard", "train.gate_stats",
+             "train.gc_every", "train.pipeline", "train.early_stop", "train.patience", "train.eval_auc_bins",
+             "plan")
 RUN_FILES = ("metrics.jsonl", "summary.json")
 
 
@@ -61,8 +62,8 @@ class Checkpointer:
     them kept, and the best one), and the files rank 0 writes beside them (config, plan,
     metrics, summary)."""
 
-    def __init__(self, run_dir: Path, keep: int, is_main: bool):
-        self.run_dir, self.keep, self.is_main = run_dir, keep, is_main
+    def __init__(self, run_dir: Path, keep: int, is_main: bool, enabled: bool = True):
+        self.run_dir, self.keep, self.is_main, self.enabled = run_dir, keep, is_main, enabled
         self.files: dict[str, str] = {}  # small text files saved in each checkpoint
 
     def resume(self, config: dict, model: torch.nn.Module, optimizer, resume: bool, overwrite: bool) -> dict | None:
@@ -111,13 +112,15 @@ class Checkpointer:
         (self.run_dir / "plan.txt").write_text(self.files["plan.txt"] + "\n")
         save_plan(plan, self.run_dir / "plan.json")  # reusable: --plan.file RUN_DIR/plan.json
 
-    def save(self, step: int, model: torch.nn.Module, optimizer, train_state: dict) -> Path:
-        """Collective: every rank calls it."""
+    def save(self, step: int, model: torch.nn.Module, optimizer, train_state: dict) -> Path | None:
+        """Collective: every rank calls it. None when `train.checkpoints` is off."""
+        if not self.enabled:
+            return None
         return checkpoint.save(self.run_dir, step, model, optimizer, train_state, self.files, self.keep)
 
-    def mark_best(self, path: Path) -> None:
+    def mark_best(self, path: Path | None) -> None:
         """Early stopping: `path` is the best checkpoint so far; pruning keeps it."""
-        if self.is_main:
+        if self.is_main and path is not None:
             checkpoint.set_pointer(self.run_dir, BEST, path)
 
     def summary(self) -> dict | None:

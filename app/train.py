@@ -40,7 +40,7 @@ def train(cfg: Config) -> dict:
     train_data = split_data(cfg, env, columns, cfg.data.train_split, train=True)
     eval_data = split_data(cfg, env, columns, cfg.data.eval_split, train=False)
     dmp, optimizer, plan = build(cfg, env, columns)
-    checkpoints = Checkpointer(cfg.run_dir, t.keep_checkpoints, env.rank == 0)
+    checkpoints = Checkpointer(cfg.run_dir, t.keep_checkpoints, env.rank == 0, t.checkpoints)
     state = checkpoints.resume(cfg.to_dict(), dmp, optimizer, t.resume, t.overwrite)
     step, position = (state["step"], Position.from_state_dict(state["position"])) if state else (0, Position())
     feed = EpochFeed(train_data, position, step, t.epochs, t.max_steps, cfg.data.num_workers,

@@ -16,8 +16,8 @@ One process per GPU under torchrun, or one process (on the GPU when there is one
 with small defaults). Phases that talk across ranks (e2e, embedding) run on all ranks together;
 the others run on every rank at once without communicating and report per rank. The data
 (24M train rows per GPU by default, about 6 GB each) is generated once per size under --work
-(/tmp/mmoe-bench) by local rank 0 and reused by later runs; run directories go there too, and
-each run's final checkpoint (about 14 GB at full size) is deleted after it.
+(/tmp/mmoe-bench) by local rank 0 and reused by later runs; run directories go there too. The
+trainer writes no checkpoints here (`train.checkpoints = false`).
 
     make bench                       # one process; GPU defaults on a GPU, small ones on CPU
     make bench GPUS=4                # torchrun, 4 ranks
@@ -84,7 +84,7 @@ NUM_DENSE, NUM_CATEGORICAL, LABELS = 13, 26, ("click", "convert")
 TARGET_PER_GPU = 2_000_000  # the issue's goal, samples/s per GPU end to end
 READER_CHUNK = 8  # batches per reader chunk (ParquetBatches' chunk_batches); row group = 8 batches
 PHASES = ("e2e", "reader", "embedding", "dense", "naive")
-SKEW = 3  # id = floor(cardinality * u**SKEW): small ids are frequent, as in click logs
+SKEW = 3.0  # default --skew: id = floor(cardinality * u**skew), small ids frequent as in click logs
 
 # Defaults that depend on the device: (GPU, CPU)
 DEFAULTS = {
@@ -112,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"{DEFAULTS['rows'][0]:,} per GPU, {DEFAULTS['rows'][1]:,} on CPU)")
     p.add_argument("--cardinality", type=int, help=f"rows of each of the 26 tables {gpu_cpu('cardinality')}")
     p.add_argument("--dim", type=int, help=f"embedding dimension {gpu_cpu('dim')}")
+    p.add_argument("--skew", type=float, default=SKEW,
+                   help=f"ids = floor(cardinality * u**skew), u uniform: 1 gives uniform ids, {SKEW:g} (default) a "
+                        "power law whose small ids are frequent; the embedding phase also runs uniform ids")
     p.add_argument("--batch-size", type=int, help=f"samples per rank per step {gpu_cpu('batch_size')}")
     p.add_argument("--num-workers", type=int,
                    help="reader worker processes per rank (default on GPU: CPU cores per rank - 2, at most 8; 1 on CPU)")
@@ -161,7 +164,8 @@ def fill_defaults(args: argparse.Namespace, cuda: bool, world: int, local_world:
         args.e2e_steps = math.ceil(args.e2e_seconds * TARGET_PER_GPU / args.batch_size) if cuda else 30
     args.precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     args.row_group = READER_CHUNK * args.batch_size  # reader workers then decode each row group once
-    name = f"criteo_r{args.rows}_c{args.cardinality}_g{args.row_group}" + ("_dict" if args.parquet_dictionary else "")
+    name = f"criteo_r{args.rows}_c{args.cardinality}_g{args.row_group}" + ("_dict" if args.parquet_dictionary else "") \
+        + (f"_s{args.skew:g}" if args.skew != SKEW else "")
     args.data = Path(args.data or Path(args.work) / name)
 
 
@@ -169,7 +173,8 @@ def fill_defaults(args: argparse.Namespace, cuda: bool, world: int, local_world:
 # Data: Criteo-shape Parquet, written in parallel, one row group at a time per process
 
 
-def _write_file(path: Path, rows: int, row_group: int, cardinality: int, dictionary: bool, seed: int) -> None:
+def _write_file(path: Path, rows: int, row_group: int, cardinality: int, dictionary: bool, seed: int,
+                skew: float) -> None:
     """Labels depend on a few columns only (cheap), so a trained model's AUC is above 0.5."""
     rng = np.random.default_rng(seed)
     schema = pa.schema([(name, pa.float32()) for name in LABELS]
@@ -181,7 +186,7 @@ def _write_file(path: Path, rows: int, row_group: int, cardinality: int, diction
             # one row per column: contiguous, so pyarrow takes each without a copy
             dense = rng.standard_normal((NUM_DENSE, n), dtype=np.float32)
             u = rng.random((NUM_CATEGORICAL, n), dtype=np.float32)
-            ids = np.minimum((cardinality * u * u * u).astype(np.int64), cardinality - 1)  # u**SKEW
+            ids = np.minimum((cardinality * u ** np.float32(skew)).astype(np.int64), cardinality - 1)
             z = np.stack([1.5 * dense[0] - dense[1] + (ids[0] % 4 == 0) - 1.0,
                           1.5 * dense[2] + 2.0 * (ids[1] < cardinality // 100) - 2.5])
             labels = (rng.random((2, n)) < 1 / (1 + np.exp(-z))).astype(np.float32)
@@ -189,17 +194,18 @@ def _write_file(path: Path, rows: int, row_group: int, cardinality: int, diction
             writer.write_table(pa.Table.from_arrays([pa.array(c) for c in columns], schema=schema))
 
 
-def generate_data(out: Path, rows: int, cardinality: int, row_group: int, files: int, dictionary: bool) -> int:
+def generate_data(out: Path, rows: int, cardinality: int, row_group: int, files: int, dictionary: bool,
+                  skew: float) -> int:
     """Train and test splits plus schema.json; returns the train rows written (whole row groups
     in every file, so rank shares and reader chunks line up with row groups)."""
     groups = max(1, math.ceil(rows / row_group))
     files = min(files, groups)
     per_file = math.ceil(groups / files) * row_group
     test_rows = max(row_group, rows // 100)
-    jobs = [(out / "train" / f"part-{i:05d}.parquet", per_file, row_group, cardinality, dictionary, i)
+    jobs = [(out / "train" / f"part-{i:05d}.parquet", per_file, row_group, cardinality, dictionary, i, skew)
             for i in range(files)]
     jobs += [(out / "test" / f"part-{i:05d}.parquet", test_rows // 2 + i * (test_rows % 2), row_group,
-              cardinality, dictionary, 10_000 + i) for i in range(2)]
+              cardinality, dictionary, 10_000 + i, skew) for i in range(2)]
     for split in ("train", "test"):
         (out / split).mkdir(parents=True, exist_ok=True)
     # fork: the workers need numpy and pyarrow only, and no fresh import of this script
@@ -226,7 +232,7 @@ def ensure_data(args: argparse.Namespace, local_rank: int) -> float:
     shutil.rmtree(args.data, ignore_errors=True)  # a half-written one from an interrupted run
     start = time.perf_counter()
     rows = generate_data(args.data, args.rows, args.cardinality, args.row_group, args.files,
-                         args.parquet_dictionary)
+                         args.parquet_dictionary, args.skew)
     done.write_text(f"{rows}\n")
     seconds = time.perf_counter() - start
     size = sum(f.stat().st_size for f in args.data.rglob("*.parquet")) / 2**20
@@ -300,7 +306,7 @@ def trainer_config(args: argparse.Namespace, precision: str = "fp32", run_dir: P
                  "--model.embedding_dim", str(args.dim), "--model.precision", precision,
                  "--model.compile", args.compile,
                  "--train.device", args.device, "--train.log_every", str(args.log_every),
-                 "--train.checkpoint_every", "0", "--train.keep_checkpoints", "1", "--train.resume", "false",
+                 "--train.checkpoints", "false", "--train.resume", "false",
                  "--train.tensorboard", "false", "--train.run_dir", str(run_dir or Path(args.work) / "run"),
                  *args.trainer, *(more or [])]
     return load_config(CONFIG, overrides), overrides
@@ -313,9 +319,9 @@ def bench_columns(args: argparse.Namespace) -> Columns:
                    cardinality=(args.cardinality,) * NUM_CATEGORICAL)
 
 
-def random_kjt(columns: Columns, batch: int, device: torch.device) -> KeyedJaggedTensor:
-    """One id per row and feature, with the data set's power-law distribution."""
-    values = torch.cat([(n * torch.rand(batch, device=device) ** SKEW).long().clamp_(max=n - 1)
+def random_kjt(columns: Columns, batch: int, device: torch.device, skew: float = SKEW) -> KeyedJaggedTensor:
+    """One id per row and feature, drawn as the data set's (`--skew`)."""
+    values = torch.cat([(n * torch.rand(batch, device=device) ** skew).long().clamp_(max=n - 1)
                         for n in columns.cardinality])
     lengths = torch.ones(len(columns.categorical) * batch, dtype=torch.int32, device=device)
     return KeyedJaggedTensor(keys=list(columns.categorical), values=values, lengths=lengths)
@@ -401,7 +407,6 @@ def run_e2e(args: argparse.Namespace, env: Env, precision: str, train_rows: int)
     result = Result(f"e2e {precision}", extra={"overrides": overrides})
     try:
         if env.rank == 0:
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # about 14 GB at full size
             s = steady_state(run_dir / "metrics.jsonl")
             result.rate = s["median"]
             auc = summary.get("mean_auc")
@@ -453,13 +458,17 @@ def run_reader(args: argparse.Namespace, env: Env, to_device: bool) -> Result:
 # Phase: the sharded embedding collection alone
 
 
-def run_embedding(args: argparse.Namespace, env: Env) -> Result:
+def embedding_phase(skew: float) -> str:
+    return f"embedding fwd+bwd, {'uniform ids' if skew == 1 else f'ids u^{skew:g}'}"
+
+
+def run_embedding(args: argparse.Namespace, env: Env, skew: float) -> Result:
     """The trainer's own sharded collection (same planner, sharders and fused optimizer)."""
     cfg, _ = trainer_config(args)
     columns = bench_columns(args)
     dmp, _, plan = build(cfg, env, columns)
     ebc = dmp.module.model.sparse.ebc
-    inputs = [random_kjt(columns, args.batch_size, env.device) for _ in range(4)]
+    inputs = [random_kjt(columns, args.batch_size, env.device, skew) for _ in range(4)]
 
     def step(i: int) -> None:
         ebc(inputs[i % len(inputs)]).values().sum().backward()  # the optimizer runs in backward
@@ -468,8 +477,8 @@ def run_embedding(args: argparse.Namespace, env: Env) -> Result:
     kinds = collections.Counter(f"{p.sharding_type}/{p.compute_kernel}"
                                 for tables in plan.plan.values() for p in tables.values())
     layout = ", ".join(f"{n}x {k}" for k, n in kinds.most_common())
-    return Result("embedding fwd+bwd", rates=[args.batch_size / per_step],
-                  notes=f"sharded, fused rowwise Adagrad; {layout}; {steps} steps")
+    return Result(embedding_phase(skew), rates=[args.batch_size / per_step],
+                  notes=f"sharded, fused rowwise Adagrad; {layout}; {cfg.model.embedding_dtype} tables; {steps} steps")
 
 
 # ---------------------------------------------------------------------------------------
@@ -621,6 +630,20 @@ def table(results: list[Result], world: int) -> tuple[list[str], dict[str, float
     return lines, per_gpu
 
 
+def serial_sums(per_gpu: dict[str, float], skew: float) -> list[str]:
+    """Per precision: the embedding and the dense head run one after the other (at the data's
+    ids), as samples/s, and end to end against it."""
+    out = []
+    embedding = per_gpu.get(embedding_phase(skew))
+    for precision in ("fp32", "bf16"):
+        dense, e2e = per_gpu.get(f"dense head {precision}"), per_gpu.get(f"e2e {precision}")
+        if embedding and dense:
+            serial = 1 / (1 / embedding + 1 / dense)
+            out.append(f"Serial sum of the parts, {precision}: {serial:,.0f} samples/s per GPU"
+                       + (f"; end to end is {e2e / serial:.0%} of it." if e2e else "."))
+    return out
+
+
 def scaling(out: Path, record: dict) -> str:
     """End-to-end per-GPU rate against the newest 1-process section of the same device and
     sizes in `out`, when there is one."""
@@ -669,6 +692,7 @@ def report(args: argparse.Namespace, env: Env, results: list[Result], timings: d
     if e2e:
         lines.append(f"Target >= {TARGET_PER_GPU:,} samples/s per GPU end to end: " + ", ".join(
             f"{p[4:]} {x:,.0f} ({'met' if x >= TARGET_PER_GPU else 'missed'})" for p, x in e2e.items()) + ".")
+    lines += serial_sums(per_gpu, args.skew)
     line = scaling(Path(args.out), record)
     if line:
         lines.append(line)
@@ -742,7 +766,8 @@ def main(argv: list[str] | None = None) -> None:
     phases += [("reader", "reader", lambda: run_reader(args, env, False))]
     if cuda:
         phases.append(("reader", "reader + copy to GPU", lambda: run_reader(args, env, True)))
-    phases.append(("embedding", "embedding fwd+bwd", lambda: run_embedding(args, env)))
+    for skew in dict.fromkeys((args.skew, 1.0)):  # the data's ids, and uniform ones
+        phases.append(("embedding", embedding_phase(skew), lambda skew=skew: run_embedding(args, env, skew)))
     for p in args.precisions:
         phases.append(("dense", f"dense head {p}", lambda p=p: run_dense(args, env, p)))
     if cuda and "fp32" in args.precisions:

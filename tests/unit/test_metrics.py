@@ -22,14 +22,17 @@ def test_gate_statistics_equal_a_direct_computation():
     torch.testing.assert_close(stats[:, :3].sum(1), torch.ones(2))
 
 
-def test_train_metrics_average_since_the_last_read():
+def test_train_metrics_average_since_the_last_take():
     m = TrainMetrics(["a", "b"], torch.device("cpu"))
     m.update(torch.tensor([1.0, 2.0]), torch.tensor([[0.25, 0.75, 0.5], [1.0, 0.0, 0.0]]))
     m.update(torch.tensor([3.0, 4.0]), torch.tensor([[0.75, 0.25, 0.5], [1.0, 0.0, 0.0]]))
-    out = m.read()
-    assert out["train/a/loss"] == 2.0 and out["train/b/loss"] == 3.0
-    assert out["train/a/gate_e0"] == 0.5 and out["train/a/gate_entropy"] == 0.5
-    assert m.read()["train/a/loss"] == 0.0  # reset after a read
+    values, names = m.take()
+    out = dict(zip(names, values.tolist()))
+    assert out == {"train/a/loss": 2.0, "train/b/loss": 3.0, "train/a/gate_e0": 0.5, "train/a/gate_e1": 0.5,
+                   "train/a/gate_entropy": 0.5, "train/b/gate_e0": 1.0, "train/b/gate_e1": 0.0,
+                   "train/b/gate_entropy": 0.0}
+    values, names = m.take()
+    assert names == ["train/a/loss", "train/b/loss"] and values.tolist() == [0.0, 0.0]  # reset
 
 
 def test_event_files_hold_the_logged_tags(tmp_path):
