@@ -93,6 +93,7 @@ class TrainConfig:
     resume: bool = True  # continue from RUN_DIR/checkpoints/latest when there is one
     tensorboard: bool = True  # event files in RUN_DIR/tb (rank 0)
     gate_stats: bool = True  # per-task mean gate weight of each expert, and gate entropy
+    eval_auc_bins: int = 0  # eval AUC from this many prediction bins, in fixed memory; 0: exact
     gc_every: int = 100  # steps between Python garbage collections while training; 0: Python's own
     # "host" (TorchRec's pipeline with each batch's counts exchanged between the hosts, app/pipeline.py)
     # or "torchrec" (TorchRec's TrainPipelineSparseDist as it ships)
@@ -268,6 +269,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} is {value!r}; use one of {', '.join(allowed)}")
     if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
         raise ConfigError("data.batch_size and data.eval_batch_size must be at least 1")
+    if cfg.train.eval_auc_bins < 0:
+        raise ConfigError(f"train.eval_auc_bins is {cfg.train.eval_auc_bins}; use 0 (exact AUC) or a number "
+                          "of bins, e.g. 10000")
     m = cfg.model
     for key in ("num_experts", "num_shared_experts", "num_task_experts", "num_levels"):
         if getattr(m, key) < 1:
