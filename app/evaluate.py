@@ -31,7 +31,7 @@ def run_pipeline(pipeline: TrainPipelineSparseDist, batches: Iterator[Batch]) ->
 def evaluate(pipeline: TrainPipelineSparseDist, dmp: torch.nn.Module, data: ParquetBatches,
              cfg: Config, env: Env, split: str = "eval") -> dict[str, float]:
     """Scores a whole split through the pipeline (see `scoring`)."""
-    metrics = EvalMetrics(cfg.tasks).to(env.device)
+    metrics = EvalMetrics(cfg.tasks, cfg.train.eval_auc_bins).to(env.device)
     with scoring(dmp):
         for out in run_pipeline(pipeline, iter_batches(data, cfg.data.num_workers, env.device.type == "cuda")):
             metrics.update(out.preds, out.labels, out.weights)
