@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import logging
 import os
 import sys
 import textwrap
-import warnings
+
+from app.logs import setup_logging
 
 COMMANDS = {}
 DATA_SOURCES = ["app.sources.census", "app.sources.synthetic", "app.sources.criteo", "app.sources.hugectr_norm",
@@ -159,11 +159,21 @@ def plan(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The `mmoe` entry point. Under torchrun, through its error recording: a rank that fails
+    writes its traceback to the file torchrun names (TORCHELASTIC_ERROR_FILE), and torchrun's
+    summary of the failure shows it as the root cause. Not elsewhere: importing torch would add
+    seconds to the commands that need none (data, report)."""
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        record(_run)(argv)
+    else:
+        _run(argv)
+
+
+def _run(argv: list[str] | None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("torchrec").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    setup_logging()
     if not argv or argv[0] not in COMMANDS:
         lines = "\n".join(f"  {name:8s} {fn.__doc__.splitlines()[0]}" for name, fn in COMMANDS.items())
         print(f"usage: mmoe <command> [args]\n{lines}", file=sys.stderr)
@@ -176,6 +186,10 @@ def main(argv: list[str] | None = None) -> None:
         COMMANDS[argv[0]](argv[1:])
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:  # torchrun's summary then names the cause too
+            from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+            get_error_handler().record_exception(e)
         sys.exit(1)
     _leave_process_group()
 

@@ -105,6 +105,7 @@ class TrainConfig:
     overwrite: bool = False
     tensorboard: bool = True  # event files in RUN_DIR/tb (rank 0)
     gate_stats: bool = True  # per-task mean gate weight of each expert, and gate entropy
+    eval_auc_bins: int = 0  # eval AUC from this many prediction bins, in fixed memory; 0: exact
     gc_every: int = 100  # steps between Python garbage collections while training; 0: Python's own
     # stop once this evaluation metric stops improving: "mean_auc" or "<task>/<auc|logloss|ne|rmse>";
     # needs eval_every; the best evaluation's checkpoint is kept and is what predict/eval use
@@ -330,6 +331,7 @@ RANGES = [
     ("train.keep_checkpoints", "[0", "", "0 keeps all"),
     ("train.gc_every", "[0", "", "steps; 0 leaves collection to Python"),
     ("train.patience", "[1", "", "evaluations"),
+    ("train.eval_auc_bins", "[0", "", "0 computes the exact AUC, e.g. 10000 bins in fixed memory"),
 ]
 
 

@@ -43,7 +43,7 @@ def score(pipeline: TrainPipelineSparseDist, dmp: torch.nn.Module, data: Parquet
 def evaluate(pipeline: TrainPipelineSparseDist, dmp: torch.nn.Module, data: ParquetBatches,
              cfg: Config, env: Env, split: str = "eval") -> dict[str, float]:
     """Metrics of a whole split (`EvalMetrics`, summed over the ranks)."""
-    metrics = EvalMetrics(cfg.tasks).to(env.device)
+    metrics = EvalMetrics(cfg.tasks, cfg.train.eval_auc_bins).to(env.device)
     for out in score(pipeline, dmp, data, cfg, env):
         metrics.update(out.preds, out.labels, out.weights)
     return metrics.compute(split)

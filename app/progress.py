@@ -162,7 +162,8 @@ class Progress:
         self.log.write(step, {"epoch": epoch, **result})
         if self.env.rank == 0:
             self.bar.write(f"step {step}: " + " ".join(
-                f"{k}={v:.4f}" for k, v in result.items() if k.endswith(("auc", "logloss", "rmse"))))
+                f"{k}={v:.4f}" for k, v in result.items()
+                if k.rsplit("/", 1)[-1] in ("auc", "logloss", "ne", "calibration", "rmse")))
 
     def close(self) -> None:
         self._write_pending()

@@ -23,8 +23,8 @@ log = logging.getLogger("app")
 
 PLOTS = ("loss.png", "auc.png", "throughput.png", "gates.png")
 GATE_KEY = re.compile(r"^train/(?P<task>.+)/gate_e(?P<expert>\d+)$")
-EVAL_COLUMNS = {"auc": "AUC", "logloss": "logloss", "rmse": "RMSE", "label_mean": "label mean",
-                "pred_mean": "pred mean"}
+EVAL_COLUMNS = {"auc": "AUC", "logloss": "logloss", "ne": "NE", "calibration": "calibration", "rmse": "RMSE",
+                "label_mean": "label mean", "pred_mean": "pred mean"}
 TRAIN_COLOR, EVAL_COLOR = "tab:blue", "tab:orange"
 
 
@@ -278,6 +278,9 @@ def _summary_tables(run: Run) -> list[str]:
             values = " | ".join(_fmt((metrics.get(t) or {}).get(c)) for c in columns)
             lines.append(f"| {t} | {run.task_type(t)} | {values} |")
         lines.append("")
+        if "ne" in columns:
+            lines += ["NE: logloss over the entropy of the label rate (below 1 beats always predicting "
+                      "the rate); calibration: mean prediction over mean label (1 is calibrated).", ""]
     else:
         lines += ["No evaluation results: the run logged no eval metrics.", ""]
     get = run.summary.get

@@ -42,6 +42,7 @@ from app.config import TrainConfig  # noqa: E402
 from app.data.loader import iter_batches  # noqa: E402
 from app.distributed import init_distributed  # noqa: E402
 from app.feed import split_data  # noqa: E402
+from app.logs import setup_logging  # noqa: E402
 from app.metrics import TrainMetrics  # noqa: E402
 from app.pipeline import make_pipeline  # noqa: E402
 from app.sharded import build, resolve_columns  # noqa: E402
@@ -115,7 +116,7 @@ def main() -> None:
     own, rest = p.parse_known_args(argv[:cut])
     trace = own.trace
     args = bench.parse_args(rest + argv[cut:])  # options after "--" go to the trainer's config
-    bench.quiet()
+    setup_logging()
     args.device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     cuda = args.device == "cuda"
     bench.fill_defaults(args, cuda, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))

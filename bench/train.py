@@ -36,7 +36,6 @@ import collections
 import datetime
 import gc
 import json
-import logging
 import math
 import multiprocessing
 import os
@@ -49,7 +48,6 @@ import statistics
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -75,6 +73,7 @@ from app.data.schema import Columns, Schema  # noqa: E402
 from app.model import MultiTaskModel, MultiTaskTrain  # noqa: E402
 from app.distributed import Env, init_distributed  # noqa: E402
 from app.feed import split_data  # noqa: E402
+from app.logs import setup_logging  # noqa: E402
 from app.optimizers import DENSE_OPTIMIZERS  # noqa: E402
 from app.sharded import build, resolve_columns  # noqa: E402
 from app.train import train as run_trainer  # noqa: E402
@@ -731,18 +730,10 @@ def launch_command(argv: list[str]) -> str:
     return f"python bench/train.py {shlex.join(keep)}".strip()
 
 
-def quiet() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("torchrec").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    quiet()
+    setup_logging()
     command = launch_command(argv)  # before init_distributed fills in RANK and friends
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     args.device = "cuda" if cuda else "cpu"

@@ -43,6 +43,8 @@ def test_wrong_types_are_rejected(tmp_path):
         load_config(write(tmp_path, BASE + "[data]\nshuffle = 1\n"))
     with pytest.raises(ConfigError, match=r"tasks.ctr.type is 'ranking'"):
         load_config(write(tmp_path, '[tasks.ctr]\ntype = "ranking"\n'))
+    with pytest.raises(ConfigError, match=r"train.eval_auc_bins is -1; it must lie in \[0, inf\) \(0 computes the exact"):
+        load_config(write(tmp_path, BASE), ["--train.eval_auc_bins", "-1"])
     assert load_config(write(tmp_path, BASE), ["--optim.dense_lr", "1"]).optim.dense_lr == 1.0
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from app import cli
 from app.report import ReportError, Run, gate_matrix, write_report
@@ -64,8 +65,13 @@ def test_report_of_a_trained_run(trained_run, capsys):
         _assert_png(trained_run / name)
         assert f"]({name})" in md
     summary = json.loads((trained_run / "summary.json").read_text())
+    events = EventAccumulator(str(trained_run / "tb"))
+    events.Reload()
     for task, metrics in summary["tasks"].items():
-        assert f"| {task} | binary | {metrics['auc']:.4f} |" in md
+        row = " | ".join(f"{metrics[k]:.4f}" for k in ("auc", "logloss", "ne", "calibration", "label_mean",
+                                                          "pred_mean"))
+        assert f"| {task} | binary | {row} |" in md
+        assert {f"eval/{task}/ne", f"eval/{task}/calibration"} <= set(events.Tags()["scalars"])
     assert f"{summary['mean_auc']:.4f}" in md
     # gates are drawn exactly when the run logged them
     has_gates = gate_matrix(Run.load(trained_run)) is not None
