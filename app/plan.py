@@ -7,6 +7,9 @@ it instead of planning.
 """
 from __future__ import annotations
 
+import os
+
+import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -111,6 +114,11 @@ def storage_reservation(cfg: PlanConfig) -> StorageReservation:
     return StorageReservationPolicy(percentage=cfg.storage_reservation)
 
 
+def host_memory() -> int:
+    """Bytes of this machine's memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def make_topology(world_size: int, compute_device: str, local_world_size: int | None = None,
                   hbm_cap: int | None = None, ddr_cap: int | None = None) -> Topology:
     """`hbm_cap`/`ddr_cap` are bytes per rank; None takes TorchRec's defaults."""
@@ -138,7 +146,12 @@ def training_plan(cfg: PlanConfig, model: nn.Module, tables: list[str], world_si
         plan = load_plan(cfg.file, local_world_size=local_world_size)
         check_plan(plan, model, world_size, compute_device, where=cfg.file)
         return plan
-    topology = make_topology(world_size, compute_device, local_world_size)
+    hbm = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory \
+        if compute_device == "cuda" else None
+    # this machine's memory, not TorchRec's defaults (32 GiB of HBM a rank): large tables would
+    # be planned into host memory (or not at all) on a GPU that holds them
+    topology = make_topology(world_size, compute_device, local_world_size, hbm_cap=hbm,
+                             ddr_cap=host_memory() // local_world_size)
     planner = make_planner(cfg, tables, topology, batch_size)
     plan = planner.collective_plan(model, sharders(), dist.GroupMember.WORLD)
     return RunPlan(plan.plan, world_size, local_world_size, compute_device, batch_size,

@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from app import checkpoint
 from app.checkpoint import BEST, CheckpointError
@@ -83,9 +85,11 @@ class Checkpointer:
                 raise CheckpointError(f"{found}: resuming needs the config it was trained with, but "
                                       f"{'; '.join(changed)}; put them back, or start over in another "
                                       f"--train.run_dir (or with --train.overwrite true --train.resume false)")
+            start = time.perf_counter()
             state = checkpoint.load(found, model, optimizer)
             if self.is_main:
-                print(f"resuming from {found} (step {state['step']})")
+                print(f"resuming from {found} (step {state['step']}; checked and loaded in "
+                      f"{time.perf_counter() - start:.1f} s)")
             return state
         if found is not None and not overwrite:
             raise CheckpointError(f"{self.run_dir} holds checkpoints (latest {found.name}) and "
@@ -116,7 +120,12 @@ class Checkpointer:
         """Collective: every rank calls it. None when `train.checkpoints` is off."""
         if not self.enabled:
             return None
-        return checkpoint.save(self.run_dir, step, model, optimizer, train_state, self.files, self.keep)
+        start = time.perf_counter()
+        path = checkpoint.save(self.run_dir, step, model, optimizer, train_state, self.files, self.keep)
+        if self.is_main:
+            size = sum(f.stat().st_size for f in path.iterdir()) / 2**30
+            tqdm.write(f"saved {path} ({size:.2f} GiB, with checksums) in {time.perf_counter() - start:.1f} s")
+        return path
 
     def mark_best(self, path: Path | None) -> None:
         """Early stopping: `path` is the best checkpoint so far; pruning keeps it."""

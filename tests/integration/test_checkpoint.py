@@ -28,7 +28,7 @@ def test_stop_and_resume_equals_straight_run(tiny_data, tmp_path):
     first = mmoe(*train_args(tiny_data, resumed, *common, "--train.max_steps", "20"))
     assert "resuming" not in first.stdout
     second = mmoe(*train_args(tiny_data, resumed, *common, "--train.max_steps", "40"))
-    assert "resuming from" in second.stdout and "(step 20)" in second.stdout
+    assert "resuming from" in second.stdout and "(step 20;" in second.stdout
     a = json.loads((straight / "summary.json").read_text())
     b = json.loads((resumed / "summary.json").read_text())
     assert a["steps"] == b["steps"] == 40

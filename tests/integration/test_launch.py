@@ -316,7 +316,7 @@ def test_slurm_sbatch_checkpoints_on_usr1_requeues_and_resumes(slurm, tiny_data,
     output = _job_output(tmp_path, run, slurm)
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output
     assert "requeueing" in (tmp_path / f"slurm-{job_id}.out").read_text(), output
-    resumed = re.search(r"resuming from \S+ \(step (\d+)\)", (run / f"logs/{job_id}/node0.out").read_text())
+    resumed = re.search(r"resuming from \S+ \(step (\d+);", (run / f"logs/{job_id}/node0.out").read_text())
     assert resumed and 0 < int(resumed[1]) < steps, output
     summary = _summary(run)
     assert (summary["world_size"], summary["steps"]) == (2, steps), output
