@@ -49,6 +49,22 @@ def test_every_task_reaches_the_shared_weight(name):
         assert g.abs().sum() > 0, f"task {t} does not depend on {name}'s shared weight"
 
 
+def test_each_task_mixes_the_experts_with_its_own_gate():
+    """Gates pinned (weights 0, biases 40 on one expert each): task t's gate picks expert t
+    alone, so task t's output is expert t's, which differ from one another."""
+    head = make("mmoe", replace(CFG, num_experts=T))
+    with torch.no_grad():
+        head.gates.weight.zero_()
+        head.gates.bias.copy_(40.0 * torch.eye(T).flatten())  # [T, E] row-major: task t, expert t
+    x = torch.randn(B, IN)
+    h, gates = head(x)
+    experts = head.experts(x)  # [E, B, out]
+    torch.testing.assert_close(gates, torch.eye(T).expand(B, T, T))
+    for t in range(T):
+        assert not torch.allclose(experts[t], experts[(t + 1) % T])
+        torch.testing.assert_close(h[:, t], experts[t], msg=f"task {t}")
+
+
 def test_omoe_has_one_gate_for_all_tasks():
     head = make("omoe")
     assert isinstance(head, OMoE) and head.gates.out_features == CFG.num_experts
