@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -42,14 +44,17 @@ def tiny_columns(tmp_path, labels=("click", "buy")):
     return Columns.resolve(Schema.load(tmp_path), list(labels), [], [], "test")
 
 
-def tiny_batch(columns, rows=16, seed=0):
+def tiny_table(rows=16, seed=0):
     rng = np.random.default_rng(seed)
-    table = pa.table({"click": rng.integers(0, 2, rows).astype(np.float32),
-                      "buy": rng.integers(0, 2, rows).astype(np.float32),
-                      "d0": rng.normal(size=rows).astype(np.float32),
-                      "d1": rng.normal(size=rows).astype(np.float32),
-                      "c0": rng.integers(0, 10, rows), "c1": rng.integers(0, 7, rows)})
-    return arrow_to_batch(table, columns, np.arange(rows))
+    return pa.table({"click": rng.integers(0, 2, rows).astype(np.float32),
+                     "buy": rng.integers(0, 2, rows).astype(np.float32),
+                     "d0": rng.normal(size=rows).astype(np.float32),
+                     "d1": rng.normal(size=rows).astype(np.float32),
+                     "c0": rng.integers(0, 10, rows), "c1": rng.integers(0, 7, rows)})
+
+
+def tiny_batch(columns, rows=16, seed=0):
+    return arrow_to_batch(tiny_table(rows, seed), columns, np.arange(rows))
 
 
 def cpu_train_module(columns, tasks, cfg, seed=0) -> MultiTaskTrain:
@@ -133,6 +138,59 @@ def test_compiled_step_is_one_graph_and_matches_eager(tmp_path):
     assert all(p.grad is not None for p in compiled.model.head.parameters())
     for k, p in compiled.named_parameters():
         torch.testing.assert_close(p.grad, grads[k], msg=k)
+
+
+def loss_and_gradients(module, batch):
+    """(loss, Outputs, every parameter's gradient) of one step of `module` on `batch`."""
+    module.zero_grad()
+    loss, out = module(batch)
+    loss.backward()
+    return loss.detach(), out, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kinds", [("binary", "binary"), ("regression", "regression"), ("binary", "regression")])
+def test_rows_of_weight_zero_change_neither_losses_nor_gradients(tmp_path, kinds):
+    """Rows skipped as bad input (weight 0) carrying extreme labels and features: the same loss,
+    per-task losses, gate statistics and gradients as the batch without them."""
+    columns = tiny_columns(tmp_path)
+    tasks = {"click": TaskConfig(type=kinds[0]), "buy": TaskConfig(type=kinds[1])}
+    kept, extra = tiny_table(16, seed=0), tiny_table(8, seed=1)
+    clean = arrow_to_batch(kept, columns, np.arange(16))
+    mixed = arrow_to_batch(pa.concat_tables([kept, extra]), columns, np.arange(24))
+    weights = torch.cat([torch.ones(16), torch.zeros(8)])
+    labels = torch.cat([mixed.labels[:16], torch.full((8, 2), 1e4)])
+    dense = torch.cat([mixed.dense[:16], torch.full((8, 2), -1e3)])
+    mixed = dataclasses.replace(mixed, weights=weights, labels=labels, dense=dense, packed=None)
+    module = cpu_train_module(columns, tasks, CFG)
+    want_loss, want, want_grads = loss_and_gradients(module, clean)
+    loss, got, grads = loss_and_gradients(module, mixed)
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(got.losses, want.losses)
+    torch.testing.assert_close(got.gates, want.gates)
+    torch.testing.assert_close(got.preds[:16], want.preds)
+    assert grads.keys() == want_grads.keys() and any("sparse" in n for n in grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want_grads[name], msg=name)
+
+
+def test_task_weights_from_the_config_scale_their_towers_gradients(tmp_path):
+    """tasks.<t>.weight as a loaded config gives it reaches the loss: weight 0 leaves click's
+    tower without gradient, weight 2.5 gives buy's tower 2.5 times its unweighted gradient (the
+    towers are one batched MLP: tower t is slice t of each weight)."""
+    columns = tiny_columns(tmp_path)
+    cfg = load_config(write(tmp_path, "[tasks.click]\nweight = 0.0\n[tasks.buy]\nweight = 2.5\n"))
+    batch = tiny_batch(columns, rows=32)
+    _, plain, plain_grads = loss_and_gradients(
+        cpu_train_module(columns, {"click": TaskConfig(), "buy": TaskConfig()}, CFG), batch)
+    loss, out, grads = loss_and_gradients(cpu_train_module(columns, cfg.tasks, CFG), batch)
+    torch.testing.assert_close(out.losses, plain.losses)  # the per-task losses are unweighted
+    torch.testing.assert_close(loss, 2.5 * out.losses[1])
+    towers = [n for n in grads if n.startswith("model.towers.")]
+    assert len(towers) == 4  # two layers' weights and biases
+    for name in towers:
+        assert plain_grads[name][0].abs().sum() > 0, name
+        assert torch.equal(grads[name][0], torch.zeros_like(grads[name][0])), name
+        torch.testing.assert_close(grads[name][1], 2.5 * plain_grads[name][1], msg=name)
 
 
 # --- loss balancing -------------------------------------------------------------------------
