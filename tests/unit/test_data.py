@@ -11,8 +11,7 @@ import torch
 
 from app.data.batch import arrow_to_batch
 from app.data.loader import ChunkSlots, iter_batches
-from app.data.order import (Position, RowGroup, batch_sizes, consume, epoch_order, rank_share, row_permutation,
-                            span_rows, take_spans)
+from app.data.order import Position, consume, rank_share, span_rows
 from app.data.reader import ParquetBatches
 from app.data.schema import Columns, Schema
 
@@ -159,30 +158,37 @@ def _hash(s: str, card: int) -> int:
 
 
 def reference(root, columns, batch_size, rank, world, *, train, seed, shuffle, position, bad=()):
-    """Expected batches of one rank: the whole split read with pyarrow, rows put in the epoch's
-    global order with the reader's permutation functions and cut into the rank's batches.
-    `bad` rows (indices in the split) carry weight 0, zero values and empty lists."""
+    """Expected batches of one rank, from pyarrow and numpy alone (none of the reader's order
+    functions): the epoch's order is the non-empty row groups in the order of a permutation
+    drawn from (seed, epoch), each group's rows in that of one drawn from (seed, epoch, its first
+    row); a rank's share is a contiguous run of the positions left, equal on every rank in
+    training (the rows left over dropped), the first ranks one row more in evaluation; training
+    cuts a share into full batches and a tail, evaluation into as many near-equal batches as
+    rank 0 needs. `bad` rows (indices in the split) carry weight 0, zero values and empty lists."""
     files = sorted((root / "train").glob("*.parquet"))
     table = pa.concat_tables([pq.read_table(f, columns=columns.all) for f in files])
-    groups, first = [], 0
-    for f in files:
-        meta = pq.ParquetFile(f).metadata
-        for i in range(meta.num_row_groups):
-            if meta.row_group(i).num_rows:
-                groups.append(RowGroup(str(f), i, meta.row_group(i).num_rows, first))
-                first += groups[-1].rows
+    footers = [pq.ParquetFile(f).metadata for f in files]
+    sizes = [n for m in footers for n in (m.row_group(i).num_rows for i in range(m.num_row_groups)) if n]
+    firsts = np.cumsum([0] + sizes[:-1])
     shuffle = shuffle and train
-    # the split's row indices in the epoch's global order
-    order = np.concatenate([groups[g].first_row + row_permutation(groups[g], seed, position.epoch, shuffle)
-                            for g in epoch_order(groups, seed, position.epoch, shuffle)])
-    spans = position.remaining or [(0, first)]
-    share = rank_share(spans, rank, world, train)
-    largest = span_rows(rank_share(spans, 0, world, train))
+    visit = np.arange(len(sizes))
+    if shuffle:
+        np.random.default_rng([seed, position.epoch]).shuffle(visit)
+    order = np.concatenate([firsts[g] + (np.random.default_rng([seed, position.epoch, firsts[g]]).permutation(
+        sizes[g]) if shuffle else np.arange(sizes[g])) for g in visit])
+    left = np.arange(len(order)) if position.remaining is None else \
+        np.concatenate([np.arange(a, b) for a, b in position.remaining])
+    if train:
+        per_rank = len(left) // world
+        share = left[rank * per_rank:(rank + 1) * per_rank]
+        positions = [share[i:i + batch_size] for i in range(0, len(share), batch_size)]
+    else:
+        shares = np.array_split(left, world)
+        positions = np.array_split(shares[rank], -(-len(shares[0]) // batch_size))
     offsets = dict(zip(columns.categorical, columns.offsets or [0] * len(columns.categorical)))
-    out, start = [], 0
-    for size in batch_sizes(span_rows(share), largest, batch_size, train):
-        rows = np.concatenate([order[:0]] + [order[a:b] for a, b in take_spans(share, start, size)])
-        start += size
+    out = []
+    for rows in (order[p] for p in positions):
+        size = len(rows)
         weights = np.array([0.0 if r in bad else 1.0 for r in rows], np.float32)
 
         def cells(name):  # None for a bad row
