@@ -45,3 +45,12 @@ def tiny_data(tmp_path_factory):
     generate(out, SyntheticSpec(rows={"train": 4000, "test": 1000}, cardinalities=[50] * 4,
                                 num_dense=3, row_group_size=512, files_per_split=2))
     return out
+
+
+@pytest.fixture(scope="session")
+def multi_hot_data(tmp_path_factory):
+    """tiny_data's shape, smaller, with multi-hot columns c1 (3 ids a row on average) and c3 (2)."""
+    out = tmp_path_factory.mktemp("multi_hot") / "data"
+    generate(out, SyntheticSpec(rows={"train": 1024, "test": 256}, cardinalities=[50] * 4, num_dense=3,
+                                multi_hot={1: 3.0, 3: 2.0}, row_group_size=256))
+    return out

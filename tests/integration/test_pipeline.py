@@ -24,7 +24,6 @@ from app.config import load_config  # noqa: E402
 from app.data.loader import iter_batches  # noqa: E402
 from app.data.reader import ParquetBatches  # noqa: E402
 from app.data.schema import Columns, Schema  # noqa: E402
-from app.sources.synthetic import SyntheticSpec, generate  # noqa: E402
 from app.distributed import Env  # noqa: E402
 from app.evaluate import run_pipeline  # noqa: E402
 from app.sharded import build  # noqa: E402
@@ -98,14 +97,6 @@ def test_kept_recat_is_torchrecs_made_once():
             continue
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         assert host_pipeline.kept_recat(*args) is got  # made once
-
-
-@pytest.fixture(scope="module")
-def multi_hot_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("multi_hot") / "data"
-    generate(out, SyntheticSpec(rows={"train": 1024, "test": 256}, cardinalities=[50] * 4, num_dense=3,
-                                multi_hot={1: 3.0, 3: 2.0}, row_group_size=256))
-    return out
 
 
 @pytest.mark.parametrize("world,sharding", [(2, "table_wise"), (2, "column_wise"), (1, "table_wise")])
