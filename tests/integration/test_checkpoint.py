@@ -129,15 +129,19 @@ def test_sigkill_under_torchrun_restarts_from_checkpoint(tiny_data, tmp_path):
                 agent.wait()
 
 
+KILL_SEED = 26  # draws the step and the rank to kill: a failure repeats with the same draw
+
+
 def _kill_one_rank_and_compare(agent, run, tmp_path, output):
-    kill_at = random.Random().randint(10, 45)
+    rng = random.Random(KILL_SEED)
+    kill_at = rng.randint(10, 45)
     deadline, killed = time.time() + 300, None
     while killed is None and time.time() < deadline and agent.poll() is None:
         log = run / "metrics.jsonl"
         steps = [json.loads(line)["step"] for line in log.read_text().splitlines()] if log.exists() else []
         if steps and max(steps) >= kill_at:
             workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True)
-            victim = int(random.choice(workers.stdout.split()))
+            victim = rng.choice(sorted(map(int, workers.stdout.split())))
             os.kill(victim, signal.SIGKILL)
             killed = (victim, max(steps))
         time.sleep(0.05)

@@ -1,5 +1,6 @@
 """A tiny end-to-end run learns: AUC well above chance on a learnable synthetic set."""
 import json
+import math
 import subprocess
 import sys
 
@@ -12,10 +13,14 @@ def test_tiny_run_learns(tiny_data, tmp_path):
                     "--data.path", str(tiny_data), "--train.run_dir", str(run), "--train.epochs", "4",
                     "--train.tensorboard", "false"], check=True, capture_output=True)
     summary = json.loads((run / "summary.json").read_text())
-    best = json.loads((tiny_data / "schema.json").read_text())["meta"]["best_auc"]["test"]
+    meta = json.loads((tiny_data / "schema.json").read_text())["meta"]
+    best, rate = meta["best_auc"]["test"], meta["label_rate"]["test"]
     for task, metrics in summary["tasks"].items():
-        assert metrics["auc"] > 0.65, (task, metrics, best[task])  # chance is 0.5, the best ~0.8
-        assert metrics["auc"] <= best[task] + 0.02
+        # it reached 0.036 below the best AUC (0.76, 0.79) and 0.06 and 0.09 below the logloss of
+        # predicting the label rate everywhere
+        assert best[task] - 0.06 < metrics["auc"] <= best[task] + 0.02, (task, metrics, best[task])
+        constant = -(rate[task] * math.log(rate[task]) + (1 - rate[task]) * math.log(1 - rate[task]))
+        assert metrics["logloss"] < constant - 0.03, (task, metrics, constant)
 
 
 def test_each_epoch_feeds_its_own_rows_in_order_when_read_ahead(tiny_data):

@@ -122,15 +122,18 @@ RUNS = {  # head -> extra flags: each balancing mode and a chain get at least on
 def test_head_trains_through_the_trainer(head, tiny_data, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "app", "train", "--config", "configs/debug.toml", "--model.head", head,
-         "--data.path", str(tiny_data), "--train.max_steps", "6", "--train.log_every", "3",
+         "--data.path", str(tiny_data), "--train.log_every", "3",
          "--train.tensorboard", "false", "--train.run_dir", str(tmp_path), *RUNS[head]],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["steps"] == 6
+    assert summary["steps"] == 32  # debug.toml: 2 epochs of 16 batches
     for task in ("click", "convert"):
-        assert 0 < summary["tasks"][task]["logloss"] < 5
+        # every head reached AUC 0.66 to 0.75 (the best 0.76 and 0.79) and logloss 0.54 to 0.67;
+        # predicting 0.5 everywhere gives ln 2 = 0.693
+        metrics = summary["tasks"][task]
+        assert metrics["auc"] > 0.62 and metrics["logloss"] < 0.69, (task, metrics)
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     gate_keys = {k for r in logged for k in r if re.fullmatch(r"train/\w+/gate_e\d+", k)}
     # debug.toml: 2 experts (mmoe, omoe); 1 own + 2 shared (cgc, ple); none for shared_bottom
