@@ -1,5 +1,5 @@
-"""Shared fixtures and helpers: small synthetic data sets, free ports for real gloo ranks, and the
-`mmoe` command run alone or under torchrun."""
+"""Shared fixtures and helpers: small synthetic data sets and a trained run, free ports for real
+gloo ranks, and the `mmoe` command run alone or under torchrun."""
 from __future__ import annotations
 
 import os
@@ -54,3 +54,12 @@ def multi_hot_data(tmp_path_factory):
     generate(out, SyntheticSpec(rows={"train": 1024, "test": 256}, cardinalities=[50] * 4, num_dense=3,
                                 multi_hot={1: 3.0, 3: 2.0}, row_group_size=256))
     return out
+
+
+@pytest.fixture(scope="session")
+def mixed_run(tiny_data, tmp_path_factory):
+    """debug.toml trained 4 epochs on tiny_data with convert a regression task (squared error on
+    its 0/1 label) beside the binary click."""
+    run = tmp_path_factory.mktemp("mixed") / "run"
+    mmoe(*train_args(tiny_data, run, "--train.epochs", "4", "--tasks.convert.type", "regression"))
+    return run
