@@ -22,7 +22,9 @@ def scores(path) -> torch.Tensor:
 
 
 def test_stop_and_resume_equals_straight_run(tiny_data, tmp_path):
-    common = ["--train.checkpoint_every", "10", "--model.dropout", "0.1", "--data.batch_size", "128"]
+    """With reader workers, which the resumed run starts again at the saved position."""
+    common = ["--train.checkpoint_every", "10", "--model.dropout", "0.1", "--data.batch_size", "128",
+              "--data.num_workers", "2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     mmoe(*train_args(tiny_data, straight, *common, "--train.max_steps", "40"))
     first = mmoe(*train_args(tiny_data, resumed, *common, "--train.max_steps", "20"))
