@@ -134,7 +134,8 @@ class EvalMetrics(nn.Module):
                 self.auc[name].update(preds[:, i], labels[:, i].long())
 
     def compute(self, split: str = "eval") -> dict[str, float]:
-        sums = {k: v.tolist() for k, v in self.sums.compute().items()}
+        # torchmetrics squeezes one-element results to scalars (one task): keep every sum a list
+        sums = {k: v.reshape(-1).tolist() for k, v in self.sums.compute().items()}
         aucs = {t: float(m.compute()) for t, m in self.auc.items()}
         out: dict[str, float] = {}
         for i, (name, cfg) in enumerate(self.tasks.items()):
@@ -143,5 +144,5 @@ class EvalMetrics(nn.Module):
         if aucs:
             out[f"{split}/mean_auc"] = sum(aucs.values()) / len(aucs)
         out[f"{split}/rows"] = int(sums["rows"][0])
-        out[f"{split}/skipped_rows"] = int(sums["skipped"])
+        out[f"{split}/skipped_rows"] = int(sums["skipped"][0])
         return out

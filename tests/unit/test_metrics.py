@@ -98,8 +98,6 @@ def test_auc_counts_ties_as_one_half():
     assert (got["eval/a/auc"], got["eval/b/auc"]) == pytest.approx((8 / 9, 1 / 9), rel=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="EvalMetrics.compute indexes each sum per task, but torchmetrics "
-                                       "squeezes EvalSums' one-element results to scalars (app/metrics.py)")
 def test_eval_metrics_of_a_single_task():
     preds, labels, weights = eval_data(100, seed=4)
     metrics = EvalMetrics({"click": TaskConfig()})
