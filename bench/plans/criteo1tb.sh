@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Writes the Criteo 1TB sharding plans summarized in bench/plans/README.md: `mmoe plan` for
-# configs/criteo1tb_mmoe.toml on 1 GPU of 141 GiB and 8, 16 and 64 GPUs (8 a host) of 80 and
+# configs/criteo1tb_mmoe.toml on 1 GPU of 141 and 80 GiB and 8, 16 and 64 GPUs (8 a host) of 80 and
 # 141 GiB, each as plan JSON (for plan.file) and the report beside it (.txt).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,6 +15,7 @@ plan() {  # world size, HBM per GPU
 }
 
 plan 1 141GiB
+plan 1 80GiB  # c20 and c21 in host memory behind an HBM cache
 for n in 8 16 64; do
   for hbm in 80GiB 141GiB; do
     plan "$n" "$hbm"
