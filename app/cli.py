@@ -57,18 +57,47 @@ def train(argv: list[str]) -> None:
 
 @command
 def predict(argv: list[str]) -> None:
-    """Score a split with a checkpoint: mmoe predict --checkpoint DIR --out DIR [--merge]"""
+    """Score a split: mmoe predict --checkpoint DIR | --artifact DIR --out DIR [--merge]"""
     p = config_parser(predict)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint folder, or a run folder")
+    source.add_argument("--artifact", help="a folder written by `mmoe export`: scores with it alone, in "
+                                           "one process, into OUT/predictions.parquet")
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True)
     p.add_argument("--merge", action="store_true", help="one predictions.parquet instead of one per rank")
     args, overrides = p.parse_known_args(argv)
+    if args.artifact:
+        from app.predict import predict_artifact
+
+        print(f"wrote {predict_artifact(args.artifact, args.split, args.out, overrides)}")
+        return
     from app.predict import predict as run
 
     path = run(args.checkpoint, args.split, args.out, args.merge, overrides)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {path if args.merge else path.parent}")
+
+
+@command
+def export(argv: list[str]) -> None:
+    """Write a run's model for serving: mmoe export RUN_DIR --out DIR [--quantize none|int8|int4]"""
+    p = config_parser(export, epilog="Writes OUT/model.pt2 (torch.export; loads with torch alone), OUT/meta.json "
+                                     "(its inputs and outputs) and OUT/config.json. --section.key value "
+                                     "overrides the run's config, e.g. --data.path where its data set now lies.")
+    p.add_argument("run", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                   help="tables as row-wise int8 or int4 (the dense layers stay fp32)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the artifact will run: it serves on the device it was exported on")
+    args, overrides = p.parse_known_args(argv)
+    from app.export import export as run
+
+    meta = run(args.run, args.out, args.quantize, args.device, overrides)
+    tables = "fp32" if meta["quantize"] == "none" else meta["quantize"]
+    print(f"wrote {args.out}: model.pt2 ({tables} tables, {meta['device']}) from "
+          f"{meta['checkpoint']} (step {meta['step']}), meta.json, config.json")
 
 
 @command
@@ -178,13 +207,14 @@ def _run(argv: list[str] | None) -> None:
         lines = "\n".join(f"  {name:8s} {fn.__doc__.splitlines()[0]}" for name, fn in COMMANDS.items())
         print(f"usage: mmoe <command> [args]\n{lines}", file=sys.stderr)
         sys.exit(2)
+    from app.artifact import ArtifactError
     from app.checkpoint import CheckpointError
     from app.config import ConfigError
     from app.data.errors import DataError
 
     try:
         COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         if "TORCHELASTIC_ERROR_FILE" in os.environ:  # torchrun's summary then names the cause too
             from torch.distributed.elastic.multiprocessing.errors import get_error_handler

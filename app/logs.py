@@ -12,6 +12,10 @@ import warnings
 KNOWN_WARNINGS: list[tuple[str, type[Warning]]] = [
     # loading a checkpoint (resume, eval, predict): TorchRec's sharded tables are ShardedTensors
     ("Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
+    # mmoe export reads the checkpoint in one process without a process group, as meant to
+    ("torch.distributed is disabled, unavailable or uninitialized", UserWarning),
+    # mmoe export: a weight stored transposed for the program (app.export.serving_layout) is saved whole
+    ("No complete tensor found in the group", UserWarning),
 ]
 # (logger, message start): log records of torch's own, which TorchRec's is_fx_tracing() calls set off
 KNOWN_LOG_RECORDS = [("torch.fx._symbolic_trace", "is_fx_tracing will return true for both")]

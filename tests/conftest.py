@@ -1,5 +1,6 @@
-"""Shared fixtures and helpers: small synthetic data sets and a trained run, free ports for real
-gloo ranks, and the `mmoe` command run alone or under torchrun."""
+"""Shared fixtures and helpers: small synthetic data sets and a trained run, the census data
+set, free ports for real gloo ranks, a one-process group, and the `mmoe` command run alone or
+under torchrun."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,9 @@ import subprocess
 import sys
 
 import pytest
+import torch.distributed as dist
 
+from app.sources import census as census_source
 from app.sources.synthetic import SyntheticSpec, generate
 
 
@@ -63,3 +66,19 @@ def mixed_run(tiny_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("mixed") / "run"
     mmoe(*train_args(tiny_data, run, "--train.epochs", "4", "--tasks.convert.type", "regression"))
     return run
+
+
+@pytest.fixture(scope="session")
+def census(tmp_path_factory):
+    """UCI census: the raw tables and the converted data set (downloaded once a session)."""
+    root = tmp_path_factory.mktemp("census")
+    raw = {split: census_source.read_raw(path) for split, path in census_source.fetch_raw(root).items()}
+    census_source.convert(raw, root / "data")
+    return raw, root / "data"
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -11,7 +11,6 @@ import time
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.distributed as dist
 
 from conftest import PY, free_port, mmoe, train_args
 
@@ -67,13 +66,6 @@ def test_a_finished_command_has_left_its_process_group(tiny_data, tmp_path):
                           capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[-1] == "left"
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_interrupted_save_leaves_latest_on_the_previous_one(tmp_path, one_rank_group, monkeypatch):

@@ -56,7 +56,7 @@ def test_a_crafted_metadata_file_runs_nothing(tiny_data, trained, tmp_path):
     sums[".metadata"] = hashlib.sha256((step / ".metadata").read_bytes()).hexdigest()
     (step / "checksums.json").write_text(json.dumps(sums))
     for command in (["eval", "--checkpoint", run], ["predict", "--checkpoint", run, "--out", tmp_path / "p"],
-                    train_args(tiny_data, run, "--train.max_steps", "8")):
+                    ["export", run, "--out", tmp_path / "x"], train_args(tiny_data, run, "--train.max_steps", "8")):
         line = one_line_error(mmoe(*command, check=False))
         assert ".metadata: not loaded (it refers to posix.system, which checkpoint metadata never holds)" in line
     assert not (tmp_path / "payload-ran").exists() and not os.path.exists("payload-ran")

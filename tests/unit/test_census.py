@@ -3,20 +3,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from app.sources import census
 from app.data.schema import Schema
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("census")
-    raw = {split: census.read_raw(path) for split, path in census.fetch_raw(root).items()}
-    census.convert(raw, root / "data")
-    return raw, root / "data"
-
-
-def test_rows_labels_and_rates(converted):
-    raw, out = converted
+def test_rows_labels_and_rates(census):
+    raw, out = census
     train = pq.read_table(out / "train")
     assert train.num_rows == 199_523 and pq.read_table(out / "test").num_rows == 99_762
     # known rows of the raw file: 0 is widowed and under 50k, 2 never married, leading spaces gone
@@ -30,8 +21,8 @@ def test_rows_labels_and_rates(converted):
     assert train.column("never_married").to_numpy().mean() == pytest.approx(0.4335, abs=5e-5)
 
 
-def test_schema_and_features(converted):
-    _, out = converted
+def test_schema_and_features(census):
+    _, out = census
     schema = Schema.load(out)
     assert schema.labels == ["income", "never_married"]
     assert "instance_weight" not in schema.dense + list(schema.categorical)

@@ -109,7 +109,7 @@ def _leaf_keys(cls, prefix=""):
             yield f"{prefix}{f.name}", f
 
 
-@pytest.mark.parametrize("command", ["train", "predict", "eval", "plan"])
+@pytest.mark.parametrize("command", ["train", "predict", "eval", "plan", "export"])
 def test_help_lists_every_config_key_with_type_default_and_meaning(command, capsys):
     from app.cli import main
     from app.config import Config
