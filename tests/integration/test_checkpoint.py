@@ -104,6 +104,25 @@ def test_keeps_the_newest_checkpoints(tmp_path, one_rank_group):
     assert checkpoint.latest(tmp_path).name == "step_5"
 
 
+def test_a_restarted_torchrun_attempt_resumes_even_with_resume_false(tmp_path, one_rank_group, monkeypatch):
+    """`train.resume = false` (or `overwrite`) asks to start over once; an attempt torchrun
+    restarts after a failure continues its own job instead of starting at step 0 again."""
+    from app import checkpoint
+    from app.checkpoint import CheckpointError
+    from app.run_dir import Checkpointer
+
+    model = torch.nn.Linear(2, 1)
+    config = {"model": {"head": "mmoe"}}
+    checkpoint.save(tmp_path, 7, model, None, {"step": 7}, {"config.json": json.dumps(config)}, keep=2)
+    first = Checkpointer(tmp_path, keep=2, is_main=True)
+    with pytest.raises(CheckpointError, match="train.resume is false"):
+        first.resume(config, model, None, resume=False, overwrite=False)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    for overwrite in (False, True):
+        assert first.resume(config, model, None, resume=False, overwrite=overwrite) == {"step": 7}
+    assert checkpoint.latest(tmp_path).name == "step_7"
+
+
 def test_sigkill_under_torchrun_restarts_from_checkpoint(tiny_data, tmp_path):
     """Through the launcher users run; the agent's store outlives the restart (stale keys of
     the first attempt once made restarted ranks fail or hang while connecting)."""
