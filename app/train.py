@@ -46,8 +46,8 @@ def train(cfg: Config) -> dict:
     feed = EpochFeed(train_data, position, step, t.epochs, t.max_steps, cfg.data.num_workers,
                      pin_memory=env.device.type == "cuda", host_group=env.host_group)
     stopper = EarlyStop(t.early_stop, t.patience, state)
-    if state and (step >= feed.total or stopper.stopped) and checkpoints.summary() is not None:
-        return already_finished(cfg, step, checkpoints.summary())
+    if state and (step >= feed.total or stopper.stopped) and (done := checkpoints.summary()) is not None:
+        return already_finished(cfg, step, done)
     checkpoints.start(cfg.to_dict(), plan, resumed=state is not None)
     pipeline = make_pipeline(t.pipeline, dmp, optimizer, env)
     progress = Progress(cfg.run_dir, env, list(cfg.tasks), cfg.data.batch_size, t.log_every, t.tensorboard,
