@@ -125,6 +125,7 @@ class Ids:
     values: np.ndarray  # int64
     lengths: np.ndarray | None = None  # int32 [N]
     offsets: np.ndarray | None = None  # int64 [N + 1]
+    fixed: int = 0  # multi-hot lists that all have this many ids (0: lengths vary, or single-hot)
 
     @classmethod
     def from_arrow(cls, arr: pa.ChunkedArray, cardinality: int) -> "Ids":
@@ -132,13 +133,16 @@ class Ids:
         if not is_list(arr.type):
             return cls(_id_values(arr, cardinality))
         lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int32)
+        fixed = int(lengths[0]) if len(lengths) and lengths[0] > 0 and (lengths == lengths[0]).all() else 0
         return cls(_id_values(pc.list_flatten(arr), cardinality), lengths,
-                   np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
+                   np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]), fixed)
 
     def gather(self, rows: Rows, lengths: np.ndarray | None, out: np.ndarray) -> None:
         """The ids of `rows` into `out`; multi-hot columns need the rows' `lengths`."""
         if self.offsets is None:
             return _gather(self.values, rows, out)
+        if self.fixed:  # a row's ids are one row of a [N, fixed] matrix: one index a row, not one an id
+            return _gather(self.values.reshape(-1, self.fixed), rows, out.reshape(-1, self.fixed))
         # each id's position in `values`: its row's start there, plus its rank within the row
         shift = self.offsets[:-1][rows] - (np.cumsum(lengths, dtype=np.int64) - lengths)
         _gather(self.values, np.repeat(shift, lengths) + np.arange(len(out)), out)

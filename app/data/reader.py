@@ -1,6 +1,7 @@
 """Parquet row groups -> chunks of batches for one rank and one epoch (`ParquetBatches`)."""
 from __future__ import annotations
 
+import math
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
@@ -21,12 +22,15 @@ from app.data.order import (Position, RowGroup, Span, batch_sizes, epoch_order, 
 from app.data.schema import Columns
 
 READ_AHEAD = 2  # row groups decoded ahead of the one being packed
+MULTI_HOT_MARGIN = 1.05  # room in reader slots over the ids a row the footers show
 
 
-def scan_row_groups(files: list[Path], columns: Columns,
-                    label_kinds: tuple[str, ...] | None = None) -> list[RowGroup]:
+def scan_row_groups(files: list[Path], columns: Columns, label_kinds: tuple[str, ...] | None = None,
+                    ids_per_row: dict[str, float] | None = None) -> list[RowGroup]:
     """Reads footers only; rejects unreadable, empty or mismatched files before training, and
-    with `label_kinds`, values that the footers' statistics show out of range."""
+    with `label_kinds`, values that the footers' statistics show out of range. `ids_per_row`
+    gets, per multi-hot column, the most ids a row that any row group has on average (from
+    the footers' value counts, where an empty list counts as one)."""
     groups: list[RowGroup] = []
     first_row, reference = 0, None
     for path in files:
@@ -34,11 +38,15 @@ def scan_row_groups(files: list[Path], columns: Columns,
         if label_kinds is not None:
             checks.check_statistics(path, meta, columns, label_kinds)
         reference = reference or (path, meta.schema.to_arrow_schema())
+        leaves = {meta.schema.column(j).path.split(".")[0]: j for j in range(meta.num_columns)}
         for i in range(meta.num_row_groups):
             rows = meta.row_group(i).num_rows
             if rows:
                 groups.append(RowGroup(str(path), i, rows, first_row))
                 first_row += rows
+                for c in columns.multi_hot if ids_per_row is not None else ():
+                    ids = meta.row_group(i).column(leaves[c]).num_values / rows
+                    ids_per_row[c] = max(ids_per_row.get(c, 0.0), ids)
     return groups
 
 
@@ -56,8 +64,9 @@ class ParquetBatches(IterableDataset):
         self.files = split_files(dataset, split)
         self.columns, self.label_kinds = columns, label_kinds
         # with on_bad_rows = "skip", bad values are counted when read instead of refused
-        self.groups = scan_row_groups(self.files, columns,
-                                      label_kinds if on_bad_rows == "error" else None)
+        self.ids_per_row: dict[str, float] = {}  # the multi-hot columns' (`scan_row_groups`)
+        self.groups = scan_row_groups(self.files, columns, label_kinds if on_bad_rows == "error" else None,
+                                      self.ids_per_row)
         self.total_rows = sum(g.rows for g in self.groups)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.train, self.seed, self.shuffle = train, seed, shuffle and train
@@ -118,9 +127,11 @@ class ParquetBatches(IterableDataset):
             pool.shutdown(cancel_futures=True)
 
     def chunk_bytes(self) -> int:
-        """The bytes of a chunk of full batches, at one id a row per single-hot column and two
-        per multi-hot one (a chunk that needs more is packed outside the slots)."""
-        ids = [self.batch_size * (2 if c in self.columns.multi_hot else 1) for c in self.columns.categorical]
+        """The bytes of a chunk of full batches, at one id a row per single-hot column and 5%
+        over the most a row group has per multi-hot one (a chunk that needs more is packed
+        outside the slots)."""
+        ids = [math.ceil(self.batch_size * MULTI_HOT_MARGIN * self.ids_per_row[c]) if c in self.ids_per_row
+               else self.batch_size for c in self.columns.categorical]
         widths = (len(self.columns.dense), len(self.columns.labels))
         return chunk_parts([self.batch_size] * self.chunk_batches, [ids] * self.chunk_batches, widths)[1]
 

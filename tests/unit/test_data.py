@@ -238,7 +238,8 @@ def assert_same(batches, expected):
 
 def mixed_dataset(root, offsets=(0, 0)):
     """Two files in row groups of 50: int32 and string ids, a multi-hot int list (some lists
-    null or empty), a multi-hot string list, two labels, float64 and int dense columns."""
+    null or empty), a multi-hot string list, one of lists of equal length, two labels, float64
+    and int dense columns."""
     (root / "train").mkdir(parents=True)
     rng = np.random.default_rng(0)
     start = 0
@@ -253,13 +254,16 @@ def mixed_dataset(root, offsets=(0, 0)):
             "tags": pa.array([None if t is None else [v + offsets[1] for v in t] for t in tags],
                              pa.list_(pa.int64())),
             "words": pa.array([[f"w{r % 5}"] * (r % 3) for r in idx], pa.list_(pa.string())),
+            # lists of one length in a file (2, then 3), as MLPerf's multi-hot Criteo
+            "pair": pa.array([[(int(r) + j) % 7 for j in range(2 + i)] for r in idx], pa.list_(pa.int64())),
         })
         pq.write_table(table, root / "train" / f"part-{i}.parquet", row_group_size=50)
         start += rows
     schema = Schema(labels=["y", "z"], dense=["x", "n"],
-                    categorical={"c": 13, "city": 1000, "tags": 9, "words": 50}, multi_hot=["tags", "words"])
+                    categorical={"c": 13, "city": 1000, "tags": 9, "words": 50, "pair": 7},
+                    multi_hot=["tags", "words", "pair"])
     schema.save(root)
-    columns = Columns.resolve(schema, ["y", "z"], [], ["tags", "c", "words", "city"], "test")
+    columns = Columns.resolve(schema, ["y", "z"], [], ["tags", "c", "words", "city", "pair"], "test")
     return dataclasses.replace(columns, offsets=tuple(offsets[0] if c == "c" else offsets[1] if c == "tags"
                                                       else 0 for c in columns.categorical))
 
@@ -411,7 +415,8 @@ def test_chunks_too_big_for_a_slot_do_not_hold_back_the_next_one(tmp_path):
     Schema(labels=["y"], dense=["x"], categorical={"tags": 9}, multi_hot=["tags"]).save(tmp_path)
     columns = Columns.resolve(Schema.load(tmp_path), ["y"], [], [], "test")
     ds = ParquetBatches(tmp_path, "train", columns, ("binary",), 32, 0, 1, train=True, shuffle=False, chunk_batches=2)
-    slots = ChunkSlots(1, 3, ds.chunk_bytes(), pin=False)
+    first_chunk = sum(-(-b.packed.nbytes // 8) * 8 for b in list(iter_batches(ds, 0, pin_memory=False))[:2])
+    slots = ChunkSlots(1, 3, first_chunk, pin=False)  # room for one id a row
     got, inside = [], []
 
     def read():
@@ -425,6 +430,27 @@ def test_chunks_too_big_for_a_slot_do_not_hold_back_the_next_one(tmp_path):
     assert not reader.is_alive(), f"the reader stalled after {len(got)} batches"
     assert inside == [True] * 2 + [False] * 4 + [True] * 2
     assert torch.cat([b.row_ids for b in got]).tolist() == list(range(256))
+
+
+@pytest.mark.parametrize("ids", [1, 8, 100])
+def test_slots_fit_chunks_of_long_lists(tmp_path, ids):
+    """Slots are sized from the footers' ids a row: chunks of 100 ids a row are packed into
+    them, not into memory of their own, with little room to spare."""
+    (tmp_path / "train").mkdir()
+    idx = np.arange(512)
+    pq.write_table(pa.table({"y": (idx % 2).astype(np.float32), "x": idx.astype(np.float32),
+                             "tags": pa.array([[int(r) % 9] * ids for r in idx], pa.list_(pa.int64()))}),
+                   tmp_path / "train" / "part-0.parquet", row_group_size=128)
+    Schema(labels=["y"], dense=["x"], categorical={"tags": 9}, multi_hot=["tags"]).save(tmp_path)
+    columns = Columns.resolve(Schema.load(tmp_path), ["y"], [], [], "test")
+    ds = ParquetBatches(tmp_path, "train", columns, ("binary",), 64, 0, 1, train=True, seed=1, chunk_batches=2)
+    chunk = sum(-(-b.packed.nbytes // 8) * 8 for b in list(iter_batches(ds, 0, pin_memory=False))[:2])
+    assert chunk <= ds.chunk_bytes() < 1.1 * chunk
+    slots = ChunkSlots(1, 2, ds.chunk_bytes(), pin=False)
+    got = [(_in(slots, b), _copy(b)) for b in iter_batches(ds, 1, pin_memory=False, slots=slots)]
+    assert all(inside for inside, _ in got) and len(got) == 8
+    assert torch.cat([b.sparse_features.values() for _, b in got]).view(-1, ids)[:, 0].tolist() == \
+        (torch.cat([b.row_ids for _, b in got]) % 9).tolist()
 
 
 def test_a_reader_stopped_early_frees_its_slots(tmp_path):
