@@ -196,6 +196,7 @@ def test_the_criteo_1tb_shape_needs_no_memory_per_id(tmp_path):
     (dict(multi_hot={1: 2.0}, multi_hot_sizes={1: 3}), "column 1 has a mean list length and a fixed one"),
     (dict(multi_hot_sizes={3: 2}), "multi-hot column 3 does not exist; columns are 0..2"),
     (dict(multi_hot_sizes={0: 0}), "a list holds at least one id"),
+    (dict(compression="lz77"), "compression 'lz77' is unknown"),
 ])
 def test_settings_that_cannot_be_drawn_are_named(tmp_path, change, message):
     with pytest.raises(DataError, match=message):
@@ -209,6 +210,12 @@ def test_command_line_multi_hot_sizes_and_zipf(tmp_path, capsys):
     assert schema.multi_hot == ["c1", "c2"]
     assert schema.meta["spec"]["multi_hot_sizes"] == {"1": 4, "2": 2}
     assert (schema.meta["spec"]["distribution"], schema.meta["spec"]["zipf_alpha"]) == ("zipf", 1.5)
+    assert pq.ParquetFile(next((tmp_path / "train").glob("*.parquet"))).metadata.row_group(0).column(0).compression \
+        == "SNAPPY"
+    main(["data", "synthetic", "--out", str(tmp_path / "raw"), "--rows", "300,100", "--compression", "none"])
+    files = list((tmp_path / "raw" / "train").glob("*.parquet"))
+    meta = pq.ParquetFile(files[0]).metadata.row_group(0)
+    assert {meta.column(j).compression for j in range(meta.num_columns)} == {"UNCOMPRESSED"}
     with pytest.raises(SystemExit):
         main(["data", "synthetic", "--out", str(tmp_path), "--cardinalities", "10,20,30",
               "--multi-hot-sizes", "1,4"])
