@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import copy
 import mmap
+import multiprocessing
 import os
+import threading
 import time
 from typing import Iterator
 
 import numpy as np
 import torch
+from multiprocessing.reduction import DupFd
 from torch.utils.data import DataLoader
 
 from app.data.batch import Batch, Chunk
@@ -16,6 +19,12 @@ from app.data.errors import DataError
 from app.data.reader import ParquetBatches
 
 PREFETCH_CHUNKS = 4  # chunks each reader worker holds ready
+# Reader workers are forked from a small server process that has imported the reader, not from
+# the trainer: forking the trainer (its CUDA context, compiled code and page-locked memory)
+# held it up about 50 ms a worker at every epoch's and evaluation's start (430 ms for 8
+# workers on an H100 machine), where the next epoch's workers start while this one trains.
+WORKERS = multiprocessing.get_context("forkserver")
+WORKERS.set_forkserver_preload(["app.data.reader"])
 
 
 SLOTS_PER_WORKER = 3  # a chunk being trained on, and two packed ahead
@@ -39,11 +48,9 @@ class ChunkSlots:
         self.slot_bytes = -(-slot_bytes // 64) * 64  # each slot's int64s start aligned
         self.size = workers * per_worker * self.slot_bytes
         self._fd = os.memfd_create("mmoe-reader-chunks")
-        os.ftruncate(self._fd, self.size)
+        os.ftruncate(self._fd, self._flag_bytes + self.size)
         self._owner = os.getpid()
-        # 1: the slot holds a chunk the trainer has not released (shared with forked workers)
-        self._taken = np.frombuffer(mmap.mmap(-1, 8 * workers * per_worker), np.int64)
-        self._memory: dict[int, torch.Tensor] = {}
+        self._attach()
         self.pinned = pin
         if pin:
             mem = self.memory()
@@ -52,12 +59,22 @@ class ChunkSlots:
                 raise RuntimeError(f"page-locking {self.size / 2**20:.0f} MiB of reader slots failed "
                                    f"(CUDA error {err}); lower data.num_workers")
 
+    @property
+    def _flag_bytes(self) -> int:
+        """The memfd's first pages: a flag a slot (the slots start on a page)."""
+        return -(-8 * self.workers * self.per_worker // mmap.PAGESIZE) * mmap.PAGESIZE
+
+    def _attach(self) -> None:
+        """Maps the flags: 1 where a slot holds a chunk the trainer has not released."""
+        self._taken = np.frombuffer(mmap.mmap(self._fd, self._flag_bytes), np.int64)[:self.workers * self.per_worker]
+        self._memory: dict[int, torch.Tensor] = {}
+
     def memory(self) -> torch.Tensor:
-        """This process's mapping: a forked worker maps the memfd anew (the driver may keep
-        page-locked memory out of a fork's copy of the trainer's)."""
+        """This process's mapping of the slots."""
         pid = os.getpid()
         if pid not in self._memory:
-            self._memory = {pid: torch.frombuffer(mmap.mmap(self._fd, self.size), dtype=torch.uint8)}
+            self._memory = {pid: torch.frombuffer(mmap.mmap(self._fd, self.size, offset=self._flag_bytes),
+                                                  dtype=torch.uint8)}
         return self._memory[pid]
 
     def view(self, slot: int) -> torch.Tensor:
@@ -71,7 +88,7 @@ class ChunkSlots:
         slot = worker * self.per_worker + k % self.per_worker
         wait = 0.0002
         while self._taken[slot]:  # a worker ahead of training waits here most of the time
-            if os.getppid() != self._owner:
+            if not _alive(self._owner):
                 raise RuntimeError("the training process is gone")
             time.sleep(wait)
             wait = min(2 * wait, 0.005)  # seldom wakes, beside a trainer bound by its host
@@ -87,21 +104,35 @@ class ChunkSlots:
     def reset(self) -> None:
         self._taken[:] = 0
 
-    def __reduce__(self):
-        raise TypeError("reader slots reach the DataLoader's workers by fork (its default on Linux), "
-                        "not by pickling")
+    def __getstate__(self) -> dict:
+        """For a worker being started: the memfd travels as a file descriptor of its own."""
+        return {**vars(self), "_fd": DupFd(self._fd), "_taken": None, "_memory": None}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state, _fd=state["_fd"].detach())
+        self._attach()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 _IDLE_SLOTS: list[ChunkSlots] = []  # slots whose loader has finished, for the next one
+_IDLE_LOCK = threading.Lock()  # loaders start on another thread too (`app.feed`)
 
 
 def _slots_for(dataset: ParquetBatches, workers: int) -> ChunkSlots:
     """Idle slots that fit `dataset`'s chunks, or new ones (page-locking takes a while, and
     every epoch and evaluation starts a loader)."""
     need = dataset.chunk_bytes()
-    for i, slots in enumerate(_IDLE_SLOTS):
-        if slots.pinned and slots.workers == workers and slots.slot_bytes >= need:
-            return _IDLE_SLOTS.pop(i)
+    with _IDLE_LOCK:
+        for i, slots in enumerate(_IDLE_SLOTS):
+            if slots.pinned and slots.workers == workers and slots.slot_bytes >= need:
+                return _IDLE_SLOTS.pop(i)
     return ChunkSlots(workers, SLOTS_PER_WORKER, need, pin=True)
 
 
@@ -125,6 +156,7 @@ def iter_batches(dataset: ParquetBatches, num_workers: int, pin_memory: bool,
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
                         pin_memory=pin_memory and slots is None, persistent_workers=False,
                         prefetch_factor=PREFETCH_CHUNKS if num_workers else None,
+                        multiprocessing_context=WORKERS if num_workers else None,
                         # its own generator: drawing worker seeds from the global one would
                         # shift dropout masks depending on when an epoch's loader starts
                         generator=torch.Generator())
@@ -156,7 +188,8 @@ def _unpack(chunks: Iterator[Chunk], slots: ChunkSlots | None) -> Iterator[Batch
             chunks = None  # stops the loader's workers (its iterator's finalizer joins them)
             slots.reset()  # what they packed meanwhile is dropped
             if slots.pinned:
-                _IDLE_SLOTS.append(slots)
+                with _IDLE_LOCK:
+                    _IDLE_SLOTS.append(slots)
 
 
 def batches_in_flight(dataset: ParquetBatches, num_workers: int) -> int:

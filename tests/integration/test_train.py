@@ -114,10 +114,18 @@ def test_training_collects_garbage_every_n_steps_and_scoring_as_usual():
             with scoring(torch.nn.Linear(1, 1)):
                 assert gc.isenabled()
             assert not gc.isenabled()
-            start = len(collections)
+            start, frozen = len(collections), gc.get_freeze_count()
+            made_early = [[] for _ in range(100)]  # as the first steps' compiled code
             for step in range(1, 51):
                 collect(step)
             assert collections[start:] == [1] * 9 + [2]  # steps 5, 10, ..., 45, then all at 50
+            # what the first full pass kept stays out of later ones; later passes freeze nothing
+            assert gc.get_freeze_count() >= frozen + len(made_early)
+            frozen, made_later = gc.get_freeze_count(), [[] for _ in range(100)]
+            for step in range(51, 101):
+                collect(step)
+            assert collections[start:] == ([1] * 9 + [2]) * 2 and gc.get_freeze_count() == frozen
+            del made_early, made_later
         assert gc.isenabled()
         with collecting_every(0) as collect:
             assert gc.isenabled()
