@@ -429,6 +429,16 @@ def read_cache_stats(model: torch.nn.Module) -> dict | None:
     return out
 
 
+def try_cache_stats(model: torch.nn.Module, problems: list[str]) -> dict | None:
+    """`read_cache_stats`, a failure noted in `problems` rather than raised: the phase's
+    numbers stand without the counters."""
+    try:
+        return read_cache_stats(model)
+    except Exception as e:  # an fbgemm whose counters look otherwise
+        problems.append(f"cache counters unreadable ({type(e).__name__}: {e})")
+        return None
+
+
 def stats_delta(after: dict | None, before: dict | None) -> dict | None:
     if after is None or before is None:
         return after
@@ -545,7 +555,8 @@ def run_embedding(args: argparse.Namespace, env: Env, plan_file: Path | None, di
         for i in range(args.warmup):
             step(i)
         bench.sync(env.device)
-        before = read_cache_stats(dmp)
+        problems: list[str] = []
+        before = try_cache_stats(dmp, problems) if uvm else None
         per_step, steps = bench.time_steps(step, env, args.phase_seconds, 0)
         notes = (f"{where}: {layout(plan)}; fused {cfg.optim.sparse}, {cfg.model.embedding_dtype} tables; "
                  f"{batches.ids_per_step / args.batch_size:.0f} ids a row, fresh each step "
@@ -553,9 +564,9 @@ def run_embedding(args: argparse.Namespace, env: Env, plan_file: Path | None, di
                  f"{steps} steps after {args.warmup} warm-up")
         extra = {"step_ms": 1000 * per_step}
         if uvm:
-            stats = stats_delta(read_cache_stats(dmp), before)
-            notes += "; " + (builds.note or cache_note(stats, uvm_rows(plan_file) if plan_file else 0,
-                                                       "timed steps"))
+            stats = stats_delta(try_cache_stats(dmp, problems), before)
+            notes += "; " + (builds.note or "; ".join(problems) or cache_note(
+                stats, uvm_rows(plan_file) if plan_file else 0, "timed steps"))
             extra["cache"] = stats
             extra["hit_rate"] = hit_rate(stats)
         results.append(Result(embedding_name(distribution, uvm), rates=[args.batch_size / per_step],
@@ -599,7 +610,8 @@ def run_e2e(args: argparse.Namespace, env: Env, name: str, plan_file: Path | Non
     with Builds(gather=uvm) as builds:
         with bench.TimeCap(run_dir / "metrics.jsonl", E2E_CAP * seconds):
             summary = app_train.train(cfg)
-        stats = read_cache_stats(builds.models[0]) if uvm and builds.models else None
+        problems: list[str] = []
+        stats = try_cache_stats(builds.models[0], problems) if uvm and builds.models else None
         builds.models.clear()
     s = bench.steady_state(run_dir / "metrics.jsonl")
     aucs = {t: m.get("auc") for t, m in summary.get("tasks", {}).items()}
@@ -618,8 +630,8 @@ def run_e2e(args: argparse.Namespace, env: Env, name: str, plan_file: Path | Non
     extra = {"overrides": overrides, "p50": s["p50"], "p90": s["p90"], "p99": s["p99"], "mean": s["mean"],
              "aucs": aucs, "steps": done, "stopped": bool(summary.get("stopped"))}
     if uvm:
-        notes += "; " + (builds.note or cache_note(stats, uvm_rows(plan_file) if plan_file else 0,
-                                                   "whole run, warm-up included, counters on"))
+        notes += "; " + (builds.note or "; ".join(problems) or cache_note(
+            stats, uvm_rows(plan_file) if plan_file else 0, "whole run, warm-up included, counters on"))
         extra["cache"], extra["hit_rate"] = stats, hit_rate(stats)
     return Result(name, rate=s["median"], notes=notes, extra=extra)
 

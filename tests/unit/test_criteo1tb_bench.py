@@ -85,6 +85,12 @@ def test_cache_counters_are_read_summed_and_turned_into_a_hit_rate(b1tb):
     assert b1tb.hit_rate(dict(stats, num_unique_indices=0)) is None
     assert "not available" in b1tb.cache_note(dict(stats, num_unique_indices=0), 0, "x")
     assert b1tb.read_cache_stats(torch.nn.Linear(2, 2)) is None
+    # counters that cannot be read are a note, not a failed phase
+    broken = cached_tbe([0] * 6)
+    broken.lookups[0][0].get_uvm_cache_stats = lambda: None
+    problems = []
+    assert b1tb.try_cache_stats(broken, problems) is None
+    assert problems and problems[0].startswith("cache counters unreadable (AttributeError")
 
 
 def test_uvm_rows_are_read_from_the_plan_file(b1tb):
