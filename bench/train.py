@@ -298,8 +298,8 @@ def time_steps(step: Callable[[int], None], env: Env, seconds: float, warmup: in
 
 
 def trainer_config(args: argparse.Namespace, precision: str = "fp32", run_dir: Path | None = None,
-                   more: list[str] | None = None) -> tuple[Config, list[str]]:
-    """The reference config with this run's sizes; returns it with the overrides applied."""
+                   more: list[str] | None = None, config: Path = CONFIG) -> tuple[Config, list[str]]:
+    """The reference config (or `config`) with this run's sizes; returns it with the overrides applied."""
     overrides = ["--data.path", str(args.data), "--data.batch_size", str(args.batch_size),
                  "--data.eval_batch_size", str(args.batch_size), "--data.num_workers", str(args.num_workers),
                  "--model.embedding_dim", str(args.dim), "--model.precision", precision,
@@ -308,7 +308,7 @@ def trainer_config(args: argparse.Namespace, precision: str = "fp32", run_dir: P
                  "--train.checkpoints", "false", "--train.resume", "false",
                  "--train.tensorboard", "false", "--train.run_dir", str(run_dir or Path(args.work) / "run"),
                  *args.trainer, *(more or [])]
-    return load_config(CONFIG, overrides), overrides
+    return load_config(config, overrides), overrides
 
 
 def bench_columns(args: argparse.Namespace) -> Columns:
@@ -424,10 +424,11 @@ def run_e2e(args: argparse.Namespace, env: Env, precision: str, train_rows: int)
 # Phase: the reader alone
 
 
-def run_reader(args: argparse.Namespace, env: Env, to_device: bool) -> Result:
+def run_reader(args: argparse.Namespace, env: Env, to_device: bool, config: Path = CONFIG) -> Result:
     """This rank's share of the train split, as in training (shuffled), for --phase-seconds.
-    The first chunk of each worker is not timed (worker start-up)."""
-    cfg, _ = trainer_config(args)
+    The first chunk of each worker is not timed (worker start-up). `config`: the trainer config
+    whose data options (and columns) it reads with."""
+    cfg, _ = trainer_config(args, config=config)
     data = split_data(cfg, env, resolve_columns(cfg), cfg.data.train_split, train=True)
     warmup = max(1, args.num_workers) * READER_CHUNK
     cuda = env.device.type == "cuda"
@@ -484,12 +485,14 @@ def run_embedding(args: argparse.Namespace, env: Env, skew: float) -> Result:
 # Phase: the dense head alone
 
 
-def run_dense(args: argparse.Namespace, env: Env, precision: str, tf32: bool = False) -> Result:
+def run_dense(args: argparse.Namespace, env: Env, precision: str, tf32: bool = False, config: Path = CONFIG,
+              columns: Columns | None = None) -> Result:
     """What the trainer runs after the embedding lookup (`MultiTaskTrain.step`: head, towers,
     losses, compiled as `model.compile` says), with backward and the dense optimizer; the
-    input needs a gradient, as the pooled embeddings do in training."""
-    cfg, _ = trainer_config(args, precision)
-    columns = bench_columns(args)
+    input needs a gradient, as the pooled embeddings do in training. `config` and `columns`
+    (default: this benchmark's) give the head and its input's width."""
+    cfg, _ = trainer_config(args, precision, config=config)
+    columns = columns or bench_columns(args)
     torch.manual_seed(0)
     wrapped = MultiTaskTrain(MultiTaskModel(columns, cfg.tasks, cfg.model, device=env.device), cfg.tasks,
                              cfg.train.gate_stats)
