@@ -87,7 +87,8 @@ from app.data.schema import Columns  # noqa: E402
 from app.distributed import Env, init_distributed  # noqa: E402
 from app.logs import setup_logging  # noqa: E402
 from app.sharded import resolve_columns  # noqa: E402
-from app.sources.synthetic import DISTRIBUTIONS, SHAPES, SyntheticSpec, fixed_multi_hot, generate  # noqa: E402
+from app.sources.synthetic import (COMPRESSIONS, DISTRIBUTIONS, SHAPES, SyntheticSpec, fixed_multi_hot,  # noqa: E402
+                                   generate, zipf_inverse_cdf)
 
 Result = bench.Result
 CONFIG = ROOT / "configs" / "criteo1tb_mmoe.toml"
@@ -99,7 +100,9 @@ PHASES = ("reader", "embedding", "dense", "e2e-hbm", "e2e-uvm", "checkpoint", "e
 CHECKPOINT_SMALL = 4_000_000  # the checkpoint phase keeps c0 and every table with fewer rows
 E2E_CAP = 1.5  # an e2e run is stopped (without its evaluation) past this many --e2e-seconds
 RATE_GUESS = 1_000_000  # samples/s an e2e run is sized for when no phase measured a better guess
-BYTES_PER_ROW = 800  # Parquet bytes a generated row takes at full cardinalities (6 GB for 8M rows)
+# Parquet bytes a generated row takes at full cardinalities: 6 GB for 8M rows with snappy, 14 GB
+# uncompressed (the default here: it decodes in about half the reader's CPU time)
+BYTES_PER_ROW = {"snappy": 800, "zstd": 600, "none": 1800}
 
 # Defaults that depend on the device: (GPU, CPU)
 DEFAULTS = {
@@ -153,6 +156,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help=f"untimed steps before each embedding and dense phase {d('warmup')}")
     p.add_argument("--log-every", type=int, help=f"trainer log interval in steps {d('log_every')}")
     p.add_argument("--row-group", type=int, help=f"Parquet row group rows {d('row_group')}")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="none",
+                   help="of the Parquet files (default none: the reader decodes them in about half the CPU "
+                        "time of snappy, at 2.3x the bytes)")
     p.add_argument("--files", type=int, help=f"Parquet files a split {d('files')}")
     p.add_argument("--checkpoint-steps", type=int, help=f"steps before the checkpoint is saved {d('checkpoint_steps')}")
     p.add_argument("--checkpoint-tables", default="auto",
@@ -188,7 +194,7 @@ def fill_defaults(args: argparse.Namespace, cuda: bool) -> None:
     cap = f"_cap{args.max_cardinality}" if args.capped else ""
     args.data = Path(args.work) / (f"criteo1tb_r{args.rows}_t{args.test_rows}_{args.distribution}"
                                    + (f"{args.zipf_alpha:g}" if args.distribution == "zipf" else "")
-                                   + f"{cap}_g{args.row_group}_f{args.files}")
+                                   + f"{cap}_g{args.row_group}_f{args.files}_{args.compression}")
     # what bench/train.py's helpers read
     args.dim = load_config(CONFIG, args.trainer).model.embedding_dim
     args.device = "cuda" if cuda else "cpu"
@@ -206,7 +212,7 @@ def ensure_data(args: argparse.Namespace) -> float:
         say(f"reusing {args.data}")
         return 0.0
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    need = (args.rows + args.test_rows) * BYTES_PER_ROW
+    need = (args.rows + args.test_rows) * BYTES_PER_ROW[args.compression]
     free = shutil.disk_usage(args.work).free
     say(f"writing {args.rows:,} + {args.test_rows:,} rows to {args.data} (about {need / 1e9:.1f} GB "
         f"at full sizes; {free / 1e9:.0f} GB free)")
@@ -217,7 +223,7 @@ def ensure_data(args: argparse.Namespace) -> float:
     spec = SyntheticSpec(rows={"train": args.rows, "test": args.test_rows}, cardinalities=args.cardinalities,
                          multi_hot_sizes=fixed_multi_hot(SIZES), tasks=["click", "convert"],
                          distribution=args.distribution, zipf_alpha=args.zipf_alpha,
-                         files_per_split=args.files, row_group_size=args.row_group)
+                         files_per_split=args.files, row_group_size=args.row_group, compression=args.compression)
     generate(args.data, spec, workers=os.cpu_count() or 1)
     seconds = time.perf_counter() - start
     size = sum(f.stat().st_size for f in args.data.rglob("*.parquet"))
@@ -482,12 +488,7 @@ def uvm_rows(plan_file: Path) -> int:
 def zipf_ids_torch(u: torch.Tensor, card: torch.Tensor, alpha: float) -> torch.Tensor:
     """`app.sources.synthetic.zipf_ids` on tensors: uniform u in [0, 1) -> ids in [0, card)
     with p(id) ~ (id + 1)**-alpha, per element's `card` (float64)."""
-    lo, hi = 0.5, card + 0.5
-    if alpha == 1:
-        x = lo * (hi / lo) ** u
-    else:
-        a = 1 - alpha
-        x = (lo**a + u * (hi**a - lo**a)) ** (1 / a)
+    x = zipf_inverse_cdf(u, card, alpha)
     return torch.minimum((x - 0.5).long().clamp_(min=0), card.long() - 1)
 
 
@@ -817,7 +818,8 @@ def report(args: argparse.Namespace, env: Env, results: list[Result], timings: d
         f"{v['fbgemm_gpu']}, pyarrow {v['pyarrow']}. CPU cores: {os.cpu_count()}.",
         f"Sizes: {train_rows:,} train rows, {args.test_rows:,} test rows, {tables}; {args.distribution} ids"
         + (f" (alpha {args.zipf_alpha:g})" if args.distribution == "zipf" else "")
-        + f"; Parquet ({info.get('bytes', 0) / 1e9:.1f} GB, {args.files} files a split, row groups of "
+        + f"; Parquet ({args.compression if args.compression != 'none' else 'uncompressed'}, "
+        f"{info.get('bytes', 0) / 1e9:.1f} GB, {args.files} files a split, row groups of "
         f"{args.row_group:,}) {data}; batch {args.batch_size:,}, {args.num_workers} reader workers, "
         f"{args.precision}.",
         ("Plans: `bench/plans/criteo1tb_1gpu_141gib.json` (all tables in HBM) for embedding and e2e hbm, "

@@ -146,17 +146,20 @@ def _ids(rng: np.random.Generator, n: int, card: int, spec: SyntheticSpec) -> np
 
 
 def zipf_ids(u: np.ndarray, card: int, alpha: float) -> np.ndarray:
-    """Uniform u in [0, 1) -> ids in [0, card) with p(id) ~ (id + 1)**-alpha: the inverse CDF of
-    the density x**-alpha on [0.5, card + 0.5), rounded (the midpoint rule keeps p(0) within
-    about 10% of the discrete law's, and the rest closer). A closed form: no per-id table,
-    however large `card`."""
+    """Uniform u in [0, 1) -> ids in [0, card) with p(id) ~ (id + 1)**-alpha: `zipf_inverse_cdf`,
+    rounded (the midpoint rule keeps p(0) within about 10% of the discrete law's, and the rest
+    closer). A closed form: no per-id table, however large `card`."""
+    return np.clip((zipf_inverse_cdf(u, card, alpha) - 0.5).astype(np.int64), 0, card - 1)
+
+
+def zipf_inverse_cdf(u, card, alpha: float):
+    """The inverse CDF of the density x**-alpha on [0.5, card + 0.5), in arithmetic alone, so
+    that numpy arrays and torch tensors (the benchmark draws ids on the GPU) take it alike."""
     lo, hi = 0.5, card + 0.5
     if alpha == 1:
-        x = lo * (hi / lo) ** u
-    else:
-        a = 1 - alpha
-        x = (lo**a + u * (hi**a - lo**a)) ** (1 / a)
-    return np.clip((x - 0.5).astype(np.int64), 0, card - 1)
+        return lo * (hi / lo) ** u
+    a = 1 - alpha
+    return (lo**a + u * (hi**a - lo**a)) ** (1 / a)
 
 
 @dataclass
