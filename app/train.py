@@ -20,6 +20,7 @@ import torch
 
 from app.config import Config
 from app.data.errors import DataError
+from app.data.loader import start_worker_server
 from app.data.order import Position
 from app.distributed import Env, StopSignal, init_distributed
 from app.early_stop import EarlyStop
@@ -40,6 +41,8 @@ def train(cfg: Config) -> dict:
     """
     t = cfg.train
     env = init_distributed(t.device)
+    if cfg.data.num_workers:
+        start_worker_server()  # its imports overlap the model's building
     columns = resolve_columns(cfg)
     train_data = split_data(cfg, env, columns, cfg.data.train_split, train=True)
     eval_data = split_data(cfg, env, columns, cfg.data.eval_split, train=False)

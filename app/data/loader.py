@@ -5,6 +5,7 @@ import copy
 import mmap
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from typing import Iterator
@@ -19,15 +20,27 @@ from app.data.errors import DataError
 from app.data.reader import ParquetBatches
 
 PREFETCH_CHUNKS = 4  # chunks each reader worker holds ready
-# Reader workers are forked from a small server process that has imported the reader, not from
-# the trainer: forking the trainer (its CUDA context, compiled code and page-locked memory)
-# held it up about 50 ms a worker at every epoch's and evaluation's start (430 ms for 8
-# workers on an H100 machine), where the next epoch's workers start while this one trains.
+# Reader workers are forked from a server process (`start_worker_server`), not from the trainer:
+# forking the trainer (its CUDA context, compiled code and page-locked memory) held it up about
+# 50 ms a worker at every epoch's and evaluation's start (430 ms for 8 workers on an H100
+# machine), where the next epoch's workers start while this one trains.
 WORKERS = multiprocessing.get_context("forkserver")
-WORKERS.set_forkserver_preload(["app.data.reader"])
 
 
 SLOTS_PER_WORKER = 3  # a chunk being trained on, and two packed ahead
+
+
+def start_worker_server() -> None:
+    """Starts the server reader workers are forked from, unless it runs. It imports the app's
+    modules that this process has imported (a worker runs the main script's top level again,
+    as Python's multiprocessing does for every start method but fork: with them imported
+    already, that takes milliseconds, not seconds). Called early, it imports them while the
+    trainer builds its model."""
+    from multiprocessing import forkserver
+
+    WORKERS.set_forkserver_preload(sorted(m for m in sys.modules if m.split(".")[0] == "app"
+                                          and not m.endswith("__main__")))
+    forkserver.ensure_running()
 
 
 class ChunkSlots:
@@ -153,6 +166,8 @@ def iter_batches(dataset: ParquetBatches, num_workers: int, pin_memory: bool,
     if slots is not None:
         dataset = copy.copy(dataset)  # the workers' copy packs into the slots
         dataset.slots = slots
+    if num_workers:
+        start_worker_server()
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
                         pin_memory=pin_memory and slots is None, persistent_workers=False,
                         prefetch_factor=PREFETCH_CHUNKS if num_workers else None,
