@@ -1,7 +1,9 @@
 import dataclasses
 import hashlib
+import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from app.data.batch import arrow_to_batch
-from app.data.loader import ChunkSlots, iter_batches
+from app.data.loader import ChunkSlots, iter_batches, start_worker_server
 from app.data.order import Position, consume, rank_share, span_rows
 from app.data.reader import ParquetBatches
 from app.data.schema import Columns, Schema
@@ -451,6 +453,25 @@ def test_slots_fit_chunks_of_long_lists(tmp_path, ids):
     assert all(inside for inside, _ in got) and len(got) == 8
     assert torch.cat([b.sparse_features.values() for _, b in got]).view(-1, ids)[:, 0].tolist() == \
         (torch.cat([b.row_ids for _, b in got]) % 9).tolist()
+
+
+def _children() -> set[int]:
+    return {int(pid) for task in Path(f"/proc/{os.getpid()}/task").iterdir()
+            for pid in (task / "children").read_text().split()}
+
+
+def test_reader_workers_are_not_forked_from_the_trainer(tmp_path):
+    """They come from a server process, started once (forking a trainer with a CUDA context
+    and page-locked memory held it up 50 ms a worker at every epoch's start)."""
+    columns = uneven_dataset(tmp_path)
+    ds = ParquetBatches(tmp_path, "train", columns, ("binary",), 100, 0, 1, train=True, seed=1, chunk_batches=2)
+    start_worker_server()
+    before = _children()
+    batches = iter_batches(ds, 2, pin_memory=False)
+    first = next(batches)
+    assert _children() == before  # no new child of this process
+    assert [b.row_ids.tolist() for b in [first, *batches]] == \
+        [b.row_ids.tolist() for b in iter_batches(ds, 0, pin_memory=False)]
 
 
 def test_a_reader_stopped_early_frees_its_slots(tmp_path):
