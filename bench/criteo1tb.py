@@ -95,7 +95,7 @@ CONFIG = ROOT / "configs" / "criteo1tb_mmoe.toml"
 PLANS = ROOT / "bench" / "plans"
 PLAN_HBM, PLAN_UVM = PLANS / "criteo1tb_1gpu_141gib.json", PLANS / "criteo1tb_1gpu_80gib.json"
 ROWS, SIZES = SHAPES["criteo1tb"]
-TARGET = 1_500_000  # the target: samples/s end to end on one GPU, all tables in HBM
+TARGET = 1_500_000  # samples/s end to end on one GPU, all tables in HBM, that the report measures against
 PHASES = ("reader", "embedding", "dense", "e2e-hbm", "e2e-uvm", "checkpoint", "embedding-uvm")
 CHECKPOINT_SMALL = 4_000_000  # the checkpoint phase keeps c0 and every table with fewer rows
 E2E_CAP = 1.5  # an e2e run is stopped (without its evaluation) past this many --e2e-seconds
@@ -890,19 +890,13 @@ class Phase:
     needs_plans: bool = False
 
 
-def launch_command(argv: list[str]) -> str:
-    keep = [a for i, a in enumerate(argv) if not (a == "--out" or a.startswith("--out=")
-                                                  or (i and argv[i - 1] == "--out"))]
-    return f"python bench/criteo1tb.py {shlex.join(keep)}".strip()
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     setup_logging()
     if int(os.environ.get("WORLD_SIZE", 1)) != 1:
         raise SystemExit("bench/criteo1tb.py measures one GPU: run it as one process (or torchrun with 1 rank)")
-    command = launch_command(argv)
+    command = bench.launch_command(argv, "bench/criteo1tb.py")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     fill_defaults(args, cuda)
     timings: dict[str, float] = {}
