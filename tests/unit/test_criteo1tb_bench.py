@@ -1,6 +1,6 @@
 """bench/criteo1tb.py's parts that the CPU smoke run cannot reach or check: ids drawn on the
-device as the generator draws them, fbgemm's UVM cache counters, the Checkpointer's lines, the
-checkpoint run's config."""
+device as the generator draws them, fbgemm's UVM cache counters (bench/uvm_cache.py), the
+Checkpointer's lines, the checkpoint run's config."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -30,6 +30,12 @@ def b1tb():
     module = sys.modules["bench_criteo1tb"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def cache(b1tb):
+    """bench/uvm_cache.py, the module criteo1tb.py imports (its import put the repo on sys.path)."""
+    return importlib.import_module("bench.uvm_cache")
 
 
 @pytest.mark.parametrize("alpha", [1.05, 1.0, 1.5])
@@ -69,33 +75,33 @@ def cached_tbe(stats: list[int]) -> torch.nn.Module:
     return holder
 
 
-def test_cache_counters_are_read_summed_and_turned_into_a_hit_rate(b1tb):
-    assert b1tb.can_gather_cache_stats()
-    assert b1tb.stat_names() == b1tb.STAT_NAMES  # fbgemm's UVMCacheStatsIndex order
+def test_cache_counters_are_read_summed_and_turned_into_a_hit_rate(cache):
+    assert cache.can_gather_cache_stats()
+    assert cache.stat_names() == cache.STAT_NAMES  # fbgemm's UVMCacheStatsIndex order
     model = torch.nn.Module()
     model.a, model.b = cached_tbe([2, 1000, 400, 100, 5, 7]), cached_tbe([2, 600, 200, 20, 1, 2])
-    stats = b1tb.read_cache_stats(model)
+    stats = cache.read_cache_stats(model)
     assert stats["num_requested_indices"] == 1600 and stats["num_unique_indices"] == 600
     assert stats["num_unique_misses"] == 120 and stats["cache_rows"] == 0
-    assert b1tb.hit_rate(stats) == pytest.approx(0.8)
+    assert cache.hit_rate(stats) == pytest.approx(0.8)
     before = dict(stats, num_unique_indices=100, num_unique_misses=70)
-    assert b1tb.hit_rate(b1tb.stats_delta(stats, before)) == pytest.approx(1 - 50 / 500)
-    note = b1tb.cache_note(stats, 80_000_000, "timed steps")
+    assert cache.hit_rate(cache.stats_delta(stats, before)) == pytest.approx(1 - 50 / 500)
+    note = cache.cache_note(stats, 80_000_000, "timed steps")
     assert note.startswith("cache hit rate 80.00% (timed steps: 1 - 120 unique misses / 600 unique ids")
-    assert b1tb.hit_rate(dict(stats, num_unique_indices=0)) is None
-    assert "not available" in b1tb.cache_note(dict(stats, num_unique_indices=0), 0, "x")
-    assert b1tb.read_cache_stats(torch.nn.Linear(2, 2)) is None
+    assert cache.hit_rate(dict(stats, num_unique_indices=0)) is None
+    assert "not available" in cache.cache_note(dict(stats, num_unique_indices=0), 0, "x")
+    assert cache.read_cache_stats(torch.nn.Linear(2, 2)) is None
     # counters that cannot be read are a note, not a failed phase
     broken = cached_tbe([0] * 6)
     broken.lookups[0][0].get_uvm_cache_stats = lambda: None
     problems = []
-    assert b1tb.try_cache_stats(broken, problems) is None
+    assert cache.try_cache_stats(broken, problems) is None
     assert problems and problems[0].startswith("cache counters unreadable (AttributeError")
 
 
-def test_uvm_rows_are_read_from_the_plan_file(b1tb):
-    assert b1tb.uvm_rows(b1tb.PLAN_UVM) == 80_000_000  # c20, c21
-    assert b1tb.uvm_rows(b1tb.PLAN_HBM) == 0
+def test_uvm_rows_are_read_from_the_plan_file(b1tb, cache):
+    assert cache.uvm_rows(b1tb.PLAN_UVM) == 80_000_000  # c20, c21
+    assert cache.uvm_rows(b1tb.PLAN_HBM) == 0
 
 
 def test_the_checkpointers_lines_are_parsed(b1tb):
