@@ -36,7 +36,9 @@ on the model to read them) only for the UVM phases.
     python bench/criteo1tb.py --rows 20000 --e2e-steps 6 --phase-seconds 1   # a CPU smoke run
 
 On CPU (or with --max-cardinality) the tables are capped, so the plan files do not fit: the
-trainer plans at start-up and the UVM phases are skipped. --time-budget drops phases that
+trainer plans at start-up and the UVM phases are skipped. `--plan-files off` does the same at
+full sizes, for a GPU the all-HBM plan does not fit: on 80 GiB, `-- --model.embedding_dtype fp16`
+puts all tables in HBM (48.75 GiB in `mmoe plan`). --time-budget drops phases that
 would not finish in time; past --hard-limit the report is written with what finished and the
 process exits.
 """
@@ -137,6 +139,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-cardinality", type=int,
                    help=f"cap every table's rows; 0: none {d('max_cardinality')}; capped tables fit no "
                         "plan file")
+    p.add_argument("--plan-files", choices=("auto", "off"), default="auto",
+                   help="auto: bench/plans/criteo1tb_1gpu_*.json where the tables are not capped; off: the "
+                        "trainer plans at start-up with the GPU's memory, and the uvm phases are skipped")
     p.add_argument("--batch-size", type=int, help=f"samples a step {d('batch_size')}")
     p.add_argument("--num-workers", type=int, help=f"reader worker processes {d('num_workers')}")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
@@ -187,7 +192,7 @@ def fill_defaults(args: argparse.Namespace, cuda: bool) -> None:
     args.cardinalities = [min(r, args.max_cardinality) if args.max_cardinality else r for r in ROWS]
     args.capped = args.cardinalities != ROWS
     # plan files fit the real sizes on a GPU only; otherwise the trainer plans at start-up
-    args.plans = cuda and not args.capped
+    args.plans = cuda and not args.capped and args.plan_files == "auto"
     cap = f"_cap{args.max_cardinality}" if args.capped else ""
     args.data = Path(args.work) / (f"criteo1tb_r{args.rows}_t{args.test_rows}_{args.distribution}"
                                    + (f"{args.zipf_alpha:g}" if args.distribution == "zipf" else "")
@@ -655,7 +660,7 @@ def report(args: argparse.Namespace, env: Env, results: list[Result], timings: d
         f"{args.precision}.",
         ("Plans: `bench/plans/criteo1tb_1gpu_141gib.json` (all tables in HBM) for embedding and e2e hbm, "
          "`criteo1tb_1gpu_80gib.json` (c20, c21 in fused_uvm_caching) for the uvm phases."
-         if args.plans else "Plans: none (tables capped or no GPU): the trainer planned at start-up; "
+         if args.plans else "Plans: none (tables capped, no GPU or --plan-files off): the trainer planned at start-up; "
                             "the uvm phases need the plan files."),
     ]
     if e2e_run:
@@ -798,8 +803,8 @@ def main(argv: list[str] | None = None) -> None:
             results.append(Result(phase.name, notes=phase.gpu_only))
             continue
         if phase.needs_plans and not args.plans:
-            results.append(Result(phase.name, notes="skipped: capped tables fit no plan file, and only the "
-                                                    "plan file puts tables in UVM"))
+            results.append(Result(phase.name, notes="skipped: no plan file (capped tables or --plan-files off), "
+                                                    "and only the plan file puts tables in UVM"))
             continue
         seconds = es
         if args.time_budget:

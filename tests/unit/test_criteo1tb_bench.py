@@ -153,3 +153,12 @@ def test_e2e_runs_are_sized_from_the_measured_parts(b1tb):
     assert b1tb.predicted_rate([], "x") is None
     results.append(R("e2e hbm", rate=1.2e6, extra={"mean": 1.1e6}))
     assert b1tb.predicted_rate(results, "x", e2e="e2e hbm") == 1.1e6
+
+
+@pytest.mark.parametrize("argv, cuda, planned", [
+    ([], True, True), (["--plan-files", "off"], True, False), ([], False, False),
+    (["--max-cardinality", "1000"], True, False)])
+def test_plan_files_are_used_at_full_sizes_on_a_gpu_unless_turned_off(b1tb, argv, cuda, planned):
+    args = b1tb.parse_args(argv)
+    b1tb.fill_defaults(args, cuda)
+    assert args.plans is planned
