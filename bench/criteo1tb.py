@@ -665,7 +665,7 @@ def report(args: argparse.Namespace, env: Env, results: list[Result], timings: d
     ]
     if e2e_run:
         text = shlex.join(e2e_run.extra["overrides"]).replace(f"{ROOT}/", "")
-        lines.append(f"Trainer: `{CONFIG.relative_to(ROOT)}` with `{text}` (e2e hbm; the other trainer runs "
+        lines.append(f"Trainer: `{CONFIG.relative_to(ROOT)}` with `{text}` ({e2e_run.phase}; the other trainer runs "
                      f"differ in their run directory, plan file, steps and checkpoints).")
     lines += [f"Reproduce: `{command}`", "",
               "| phase | samples/s | step ms p50/p90/p99 | peak GPU GiB | peak host GiB (at start) | notes |",
