@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import weakref
 from pathlib import Path
 
 import torch
@@ -54,13 +53,11 @@ def gathering_sharders() -> list:
 class Builds:
     """While inside, every model `app.sharded.build` makes (the trainer's too) is kept in
     `models`, built with `gathering_sharders` when `gather` is set (and fbgemm has the
-    option). `refs` outlive the models, to tell whether a model stayed referenced after its
-    phase (its memory would then not come back)."""
+    option)."""
 
     def __init__(self, gather: bool = False):
         self.gather = gather and can_gather_cache_stats()
         self.models: list[torch.nn.Module] = []
-        self.refs: list[weakref.ref] = []
         self.note = ""
 
     def __enter__(self) -> "Builds":
@@ -79,7 +76,6 @@ class Builds:
                 app_sharded.sharders = self._saved[1]
                 out = original(*a, **k)
             self.models.append(out[0])
-            self.refs.append(weakref.ref(out[0]))
             return out
 
         app_train.build = recorded
@@ -90,9 +86,6 @@ class Builds:
 
     def __exit__(self, *exc) -> None:
         app_train.build, app_sharded.sharders = self._saved
-
-    def alive(self) -> int:
-        return sum(r() is not None for r in self.refs)
 
 
 def all_modules(root: torch.nn.Module) -> list[torch.nn.Module]:
