@@ -27,8 +27,7 @@ PY = sys.executable
 def mmoe(*args, ranks: int = 1, check: bool = True, extra_env: dict | None = None):
     """Runs `python -m app ...` alone or under torchrun with `ranks` gloo processes."""
     launcher = [PY, "-m", "app"] if ranks == 1 else [
-        PY, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-        "--master-port", str(free_port()), "-m", "app"]
+        PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), "-m", "app"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(extra_env or {})}
     proc = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, env=env)
     if check and proc.returncode != 0:
