@@ -68,6 +68,19 @@ def test_a_finished_command_has_left_its_process_group(tiny_data, tmp_path):
     assert proc.stdout.splitlines()[-1] == "left"
 
 
+def test_the_program_ends_a_rank_without_finalizing_the_interpreter(tiny_data, tmp_path):
+    # where gloo's threads may still need the GIL (8 `mmoe eval` runs in 53 on two ranks aborted, -6);
+    # its output is flushed first
+    code = ("import atexit; atexit.register(print, 'finalized'); from app.cli import program; "
+            "print('before', end=''); program()")
+    proc = subprocess.run([PY, "-c", code, *map(str, train_args(tiny_data, tmp_path, "--train.max_steps", "2"))],
+                          capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("before") and proc.stdout.splitlines()[-1].startswith("done: 2 steps")
+    assert "finalized" not in proc.stdout
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+
+
 def test_interrupted_save_leaves_latest_on_the_previous_one(tmp_path, one_rank_group, monkeypatch):
     from app import checkpoint
 
