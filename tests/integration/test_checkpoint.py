@@ -57,25 +57,27 @@ def test_resume_on_another_world_size_and_plan(tiny_data, tmp_path, saved, loade
     assert json.loads((run / "summary.json").read_text())["world_size"] == loaded
 
 
+def two_steps_through(code: str, data, run) -> subprocess.CompletedProcess:
+    """`python -c code` with the arguments of a 2-step training run on one rank."""
+    proc = subprocess.run([PY, "-c", code, *map(str, train_args(data, run, "--train.max_steps", "2"))],
+                          capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 def test_a_finished_command_has_left_its_process_group(tiny_data, tmp_path):
     # left to the interpreter's exit, gloo's threads once aborted a 2-rank predict that had
     # written its output (exit code -6)
-    code = ("import sys, torch.distributed as dist; from app.cli import main; main(sys.argv[1:]); "
-            "print('joined' if dist.is_initialized() else 'left')")
-    proc = subprocess.run([PY, "-c", code, *map(str, train_args(tiny_data, tmp_path, "--train.max_steps", "2"))],
-                          capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = two_steps_through("import sys, torch.distributed as dist; from app.cli import main; main(sys.argv[1:]); "
+                             "print('joined' if dist.is_initialized() else 'left')", tiny_data, tmp_path)
     assert proc.stdout.splitlines()[-1] == "left"
 
 
 def test_the_program_ends_a_rank_without_finalizing_the_interpreter(tiny_data, tmp_path):
     # where gloo's threads may still need the GIL (8 `mmoe eval` runs in 53 on two ranks aborted, -6);
     # its output is flushed first
-    code = ("import atexit; atexit.register(print, 'finalized'); from app.cli import program; "
-            "print('before', end=''); program()")
-    proc = subprocess.run([PY, "-c", code, *map(str, train_args(tiny_data, tmp_path, "--train.max_steps", "2"))],
-                          capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = two_steps_through("import atexit; atexit.register(print, 'finalized'); from app.cli import program; "
+                             "print('before', end=''); program()", tiny_data, tmp_path)
     assert proc.stdout.startswith("before") and proc.stdout.splitlines()[-1].startswith("done: 2 steps")
     assert "finalized" not in proc.stdout
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
