@@ -6,14 +6,12 @@ Each command is a function taking its argv; `data` sources register themselves t
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import json
 import logging
 import os
 import sys
 import textwrap
-from typing import NoReturn
 
 from app.logs import setup_logging
 
@@ -240,7 +238,7 @@ def _leave_process_group() -> None:
         _left_a_group = True
 
 
-def program() -> NoReturn:
+def program() -> None:
     """The `mmoe` program (`python -m app`): `main`, then the process ends.
 
     A process that left a process group ends without finalizing the interpreter. gloo's worker
@@ -248,8 +246,8 @@ def program() -> NoReturn:
     releasing its last collective's tensors when the interpreter finalizes needs the GIL, which
     Python then refuses by ending the thread: that aborts the process (`terminate called without
     an active exception`, exit code -6) after a run that succeeded, in 8 of 53 runs of `mmoe eval`
-    on two CPU ranks (pytorch/pytorch#190489). What that exit would still do for this app is done
-    first: collection (readers' worker processes stop), then logs and output flushed."""
+    on two CPU ranks (pytorch/pytorch#190489). Logs and output are flushed first; the readers'
+    worker processes have stopped by then."""
     try:
         main()
         code = 0
@@ -257,10 +255,8 @@ def program() -> NoReturn:
         if not _left_a_group or not isinstance(e.code, (int, type(None))):
             raise
         code = e.code or 0
-    if not _left_a_group:
-        sys.exit(code)
-    gc.collect()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    if _left_a_group:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
